@@ -1,0 +1,109 @@
+"""The EDM Euler sampler with Sonic's time-shifted circular windows (spec §3.7, §3.8).
+
+Pure functions: the schedule, one Euler step for a v-prediction model, the window layout of a step, and the
+loop. The model-specific part (guidance rows, conditioning) is the `denoise` callable the loop receives.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+# denoise(x_in [n, L, C, h, w] (already scaled by c_in), frame_index [n, L], step, timestep) -> v [n, L, C, h, w]
+Denoiser = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[int, int], None]  # (unet calls done, unet calls in total)
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. noise levels, plus a final 0: float64 maths cast to float32, as diffusers does."""
+    ramp = np.linspace(0, 1, num_steps)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho
+    return torch.cat([torch.from_numpy(sigmas.astype(np.float32)), torch.zeros(1)])
+
+
+def schedule_from_config(config: dict, num_steps: int, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmas [n+1], timesteps [n]) for an SVD EulerDiscreteScheduler config; `strength` < 1 skips the
+    first steps like the official `i2i_noise_strength`."""
+    expected = {"prediction_type": "v_prediction", "use_karras_sigmas": True, "timestep_type": "continuous"}
+    wrong = {k: config.get(k) for k, v in expected.items() if config.get(k) != v}
+    if wrong:
+        raise ValueError(f"scheduler config is not SVD-xt's (expected {expected}, got {wrong}); use the SVD-xt scheduler folder")
+    if num_steps < 1:
+        raise ValueError(f"inference_steps must be at least 1, got {num_steps}")
+    sigmas = karras_sigmas(num_steps, float(config["sigma_min"]), float(config["sigma_max"]))
+    start = num_steps - min(int(num_steps * strength), num_steps)
+    sigmas = sigmas[start:]
+    timesteps = torch.stack([0.25 * s.log() for s in sigmas[:-1]])
+    return sigmas, timesteps
+
+
+def scale_input(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """c_in = 1 / sqrt(sigma^2 + 1), applied in the latent dtype."""
+    return x / ((sigma**2 + 1) ** 0.5)
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One Euler step sigma -> sigma_next for a v-prediction model, in float32, returned in v's dtype."""
+    x32 = x.float()
+    denoised = v * (-sigma / (sigma**2 + 1) ** 0.5) + x32 / (sigma**2 + 1)
+    derivative = (x32 - denoised) / sigma
+    return (x32 + derivative * (sigma_next - sigma)).to(v.dtype)
+
+
+def window_starts(num_frames: int, window: int, overlap: int) -> list[int]:
+    stride = window - overlap
+    if stride < 1:
+        raise ValueError(f"overlap ({overlap}) must be smaller than the window ({window})")
+    return list(range(0, num_frames, stride))
+
+
+def window_indices(num_frames: int, window: int, overlap: int, shift: int) -> torch.Tensor:
+    """[n_windows, window] frame indices of one step: windows shifted back by `shift`, wrapping circularly."""
+    starts = torch.tensor(window_starts(num_frames, window, overlap)) - shift
+    return (starts[:, None] + torch.arange(window)[None, :]) % num_frames
+
+
+def sample_windows(
+    denoise: Denoiser,
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    window: int = 25,
+    overlap: int = 0,
+    shift_offset: int = 7,
+    windows_per_call: int = 1,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Denoise [F, C, h, w] latents from sigmas[0] to sigmas[-1]; every window of a step reads the latents of
+    the previous step, frames covered by several windows are averaged."""
+    num_frames = latents.shape[0]
+    sigmas = sigmas.to(latents.device)
+    timesteps = timesteps.to(latents.device)
+    calls_per_step = -(-len(window_starts(num_frames, window, overlap)) // windows_per_call)
+    total_calls, calls = calls_per_step * len(timesteps), 0
+    x = latents
+    for step in range(len(timesteps)):
+        sigma, sigma_next = sigmas[step], sigmas[step + 1]
+        windows = window_indices(num_frames, window, overlap, step * shift_offset).to(x.device)
+        summed = torch.zeros_like(x)
+        counts = torch.zeros(num_frames, *([1] * (x.dim() - 1)), dtype=x.dtype, device=x.device)
+        for group in windows.split(windows_per_call):
+            x_win = x[group]  # [n, L, C, h, w]
+            v = denoise(scale_input(x_win, sigma), group, step, timesteps[step])
+            stepped = euler_step(x_win, v, sigma, sigma_next)
+            flat = group.flatten()
+            summed.index_add_(0, flat, stepped.flatten(0, 1))
+            counts.index_add_(0, flat, torch.ones_like(counts[flat]))
+            calls += 1
+            if callback is not None:
+                callback(calls, total_calls)
+        x = summed / counts
+    return x
+
+
+def guidance_schedule(start: float, end: float, num_steps: int) -> Sequence[float]:
+    return torch.linspace(start, end, num_steps).tolist()
