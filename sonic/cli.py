@@ -1,0 +1,145 @@
+"""Command line: `python -m sonic generate ...` and `python -m sonic convert ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .params import DEFAULT_SEED, PrepareOptions, SampleOptions
+
+
+def _face_box(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"expected X,Y,W,H in pixels, got {text!r}")
+    return values
+
+
+def _duration(text: str) -> float | None:
+    return None if text == "auto" else float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sonic", description="Sonic talking-head video generation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="portrait + speech -> MP4")
+    gen.add_argument("--models", required=True, type=Path, help="models folder (official layout, see README)")
+    gen.add_argument("--image", required=True, type=Path, help="portrait photo")
+    gen.add_argument("--audio", required=True, type=Path, help="speech (wav, mp3, flac, m4a/aac, ogg)")
+    gen.add_argument("--out", required=True, type=Path, help="output .mp4")
+    d_prep, d_samp = PrepareOptions(), SampleOptions()
+    gen.add_argument("--min-resolution", type=int, default=d_prep.min_resolution, help="short side of the video (x64)")
+    gen.add_argument("--crop", action="store_true", help="animate a square crop around the face")
+    gen.add_argument("--expand-ratio", type=float, default=d_prep.expand_ratio, help="crop margin, in face sizes")
+    gen.add_argument("--face-box", type=_face_box, help="X,Y,W,H of the face in pixels (skips detection)")
+    gen.add_argument("--duration", type=_duration, default=None, help="seconds, or 'auto' for the whole audio")
+    gen.add_argument("--steps", type=int, default=d_samp.inference_steps, help="denoising steps")
+    gen.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    gen.add_argument("--dynamic-scale", type=float, default=d_samp.dynamic_scale, help="motion strength (both buckets)")
+    gen.add_argument("--motion-scale", type=float, default=d_samp.motion_scale, help="extra head-motion factor")
+    gen.add_argument("--ip-audio-scale", type=float, default=d_samp.ip_audio_scale, help="audio attention strength")
+    gen.add_argument("--min-appearance-guidance", type=float, default=d_samp.min_appearance_guidance)
+    gen.add_argument("--max-appearance-guidance", type=float, default=d_samp.max_appearance_guidance)
+    gen.add_argument("--audio-guidance", type=float, default=d_samp.audio_guidance)
+    gen.add_argument("--shift-offset", type=int, default=d_samp.shift_offset, help="window shift per step (frames)")
+    gen.add_argument("--windows-per-call", type=int, default=d_samp.windows_per_call, help="windows per UNet call")
+    gen.add_argument("--no-interpolation", action="store_true", help="skip RIFE: 12.5 fps output")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    gen.add_argument("--face-detector", default="auto", choices=["auto", "yolo", "dlib"])
+    gen.add_argument("--crf", type=int, default=18, help="H.264 quality (lower = better)")
+    gen.add_argument("--noise", type=Path, help="safetensors file with 'noise.latents' [1, F, 4, h, w]")
+    gen.add_argument("--dump", type=Path, help="write final_latents / video_before_interp / video_final here")
+
+    conv = sub.add_parser("convert", help="write .safetensors twins of the pickled Sonic and RIFE weights")
+    conv.add_argument("--models", required=True, type=Path)
+    conv.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def generate(args: argparse.Namespace) -> Path:
+    import torch
+    from tqdm import tqdm
+
+    from . import pipeline
+    from .loader import load_models
+    from .video_io import write_mp4
+
+    prep = PrepareOptions(min_resolution=args.min_resolution, crop=args.crop, expand_ratio=args.expand_ratio,
+                          face_box=args.face_box, duration=args.duration)
+    opts = SampleOptions(inference_steps=args.steps, seed=args.seed, dynamic_scale=args.dynamic_scale,
+                         motion_scale=args.motion_scale, ip_audio_scale=args.ip_audio_scale,
+                         min_appearance_guidance=args.min_appearance_guidance,
+                         max_appearance_guidance=args.max_appearance_guidance, audio_guidance=args.audio_guidance,
+                         shift_offset=args.shift_offset, windows_per_call=args.windows_per_call,
+                         interpolation=not args.no_interpolation)
+    if args.out.suffix.lower() != ".mp4":
+        raise ValueError(f"--out must end in .mp4, got {args.out}")
+    if not args.out.parent.is_dir():
+        raise FileNotFoundError(f"output folder {args.out.parent} does not exist")
+    for path, what in ((args.image, "image"), (args.audio, "audio")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} file {path} not found")
+    noise = None
+    if args.noise is not None:
+        from .checkpoints import read_state_dict
+
+        noise = read_state_dict(args.noise).get("noise.latents")
+        if noise is None:
+            raise ValueError(f"{args.noise} has no tensor named 'noise.latents'")
+
+    models = load_models(args.models, args.device, args.dtype, interpolation=opts.interpolation,
+                         face_detector="none" if args.face_box else args.face_detector)
+    cond = pipeline.prepare(models, args.image, args.audio, prep)
+    with tqdm(total=1, desc="sampling", unit="call") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        latents = pipeline.sample(models, cond, opts, noise=noise, progress=progress)
+
+    num_frames = cond.num_frames
+    fps = pipeline.output_fps(opts, models, num_frames)
+    out_frames = 2 * num_frames - 1 if fps > pipeline.audio_lib.GENERATED_FPS else num_frames
+    before, final = [], []
+
+    def frames():
+        with tqdm(total=out_frames, desc="decoding", unit="frame") as bar:
+            for chunk in pipeline.decode(models, latents, opts, keep_before_interpolation=before if args.dump else None):
+                if args.dump:
+                    final.append(chunk.half().cpu())
+                bar.update(chunk.shape[0])
+                yield pipeline.to_uint8_frames(chunk).numpy()
+
+    width, height = cond.size
+    write_mp4(args.out, frames(), fps, width, height, out_frames, audio=args.audio, crf=args.crf)
+    if args.dump:
+        from safetensors.torch import save_file
+
+        to_video = lambda chunks: torch.cat(chunks).float().permute(1, 0, 2, 3)[None].contiguous()  # noqa: E731
+        save_file({"final_latents": latents.float().cpu().contiguous(),
+                   "video_before_interp": to_video(before), "video_final": to_video(final)}, str(args.dump))
+    return args.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "convert":
+            from .checkpoints import convert_to_safetensors
+
+            written = convert_to_safetensors(args.models, overwrite=args.overwrite)
+            print("\n".join(str(p) for p in written) or "nothing to convert")
+        else:
+            print(generate(args))
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
