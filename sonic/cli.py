@@ -83,9 +83,12 @@ def generate(args: argparse.Namespace) -> Path:
         raise ValueError(f"--out must end in .mp4, got {args.out}")
     if not args.out.parent.is_dir():
         raise FileNotFoundError(f"output folder {args.out.parent} does not exist")
-    for path, what in ((args.image, "image"), (args.audio, "audio")):
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} file {path} not found")
+    # Read the inputs before loading any model, so that bad files fail in a second.
+    from .audio import SAMPLE_RATE, load_audio
+    from .image import load_image
+
+    image = load_image(args.image)
+    speech = (load_audio(args.audio), SAMPLE_RATE)
     noise = None
     if args.noise is not None:
         from .checkpoints import read_state_dict
@@ -96,7 +99,7 @@ def generate(args: argparse.Namespace) -> Path:
 
     models = load_models(args.models, args.device, args.dtype, interpolation=opts.interpolation,
                          face_detector="none" if args.face_box else args.face_detector)
-    cond = pipeline.prepare(models, args.image, args.audio, prep)
+    cond = pipeline.prepare(models, image, speech, prep)
     with tqdm(total=1, desc="sampling", unit="call") as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total

@@ -13,6 +13,7 @@ smaller one; see spec §3.2).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,9 @@ class YoloFaceDetector:
         path = Path(path)
         try:
             # The official detector is a TorchScript archive; jit.load runs no pickled Python code.
-            self.net = torch.jit.load(str(path), map_location=device).eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # TorchScript deprecation: the file is what it is
+                self.net = torch.jit.load(str(path), map_location=device).eval()
         except (RuntimeError, ValueError) as exc:
             raise ValueError(
                 f"face detector {path} could not be loaded ({exc}); download yoloface_v5m.pt again from "

@@ -83,7 +83,8 @@ def _portrait(models: SonicModels, image, options: PrepareOptions):
     return img, face, crop
 
 
-def _audio_samples(audio, duration: float | None) -> np.ndarray:
+def load_speech(audio, duration: float | None = None) -> np.ndarray:
+    """Audio (path, (waveform, rate) or ComfyUI AUDIO) -> 16 kHz mono samples, trimmed to `duration`."""
     if isinstance(audio, (str, os.PathLike)):
         samples = audio_lib.load_audio(audio)
     elif isinstance(audio, dict):  # ComfyUI AUDIO
@@ -136,7 +137,7 @@ def prepare(models: SonicModels, image, audio, options: PrepareOptions | None = 
     options = options or PrepareOptions()
     img, face, crop = _portrait(models, image, options)
     portrait: PortraitTensors = prepare_portrait(img, face, options.min_resolution)
-    samples = _audio_samples(audio, options.duration)
+    samples = load_speech(audio, options.duration)
 
     device, dtype = models.device, models.dtype
     clip_pixels = portrait.clip_pixels[None].to(device, dtype)

@@ -1,0 +1,100 @@
+"""Shared fixtures. Reference data lives in ../shared/reference (or $SONIC_REFERENCE_DIR).
+
+Tests that need it skip with a reason when it is absent, unless SONIC_REQUIRE_REFERENCE=1 (set by CI),
+in which case they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get("SONIC_REFERENCE_DIR", ROOT.parent / "shared" / "reference"))
+TINY = REFERENCE / "sonic-tiny"
+
+
+def _need(path: Path) -> Path:
+    if path.exists():
+        return path
+    message = f"reference data not found at {path} (set SONIC_REFERENCE_DIR)"
+    if os.environ.get("SONIC_REQUIRE_REFERENCE") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return _need(REFERENCE)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    return _need(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_dir) -> dict:
+    return json.loads((tiny_dir / "params.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def expected(tiny_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(tiny_dir / "expected.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dir):
+    from sonic.loader import load_models
+
+    return load_models(tiny_dir / "models", device="cpu", dtype="fp32", face_detector="auto")
+
+
+@pytest.fixture(scope="session")
+def tiny_cond(tiny_models, tiny_dir, tiny_params):
+    from sonic.params import PrepareOptions
+    from sonic.pipeline import prepare
+
+    options = PrepareOptions(min_resolution=tiny_params["min_resolution"], face_box=tuple(tiny_params["face_bbox_xywh"]))
+    return prepare(tiny_models, tiny_dir / tiny_params["image"], tiny_dir / tiny_params["audio"], options)
+
+
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory) -> Path:
+    """Real speech from espeak-ng when installed, else the reference recording."""
+    out = tmp_path_factory.mktemp("speech") / "speech.wav"
+    espeak = shutil.which("espeak-ng")
+    if espeak:
+        subprocess.run([espeak, "-w", str(out), "Hello there, this is a short test of the talking head."], check=True)
+        return out
+    return _need(TINY / "inputs" / "speech.wav")
+
+
+@pytest.fixture(scope="session")
+def astronaut_png(tmp_path_factory) -> Path:
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("img") / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(path)
+    return path
+
+
+def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    actual, reference = actual.float(), reference.float()
+    return float((actual - reference).abs().max() / reference.abs().max())
+
+
+def sine(seconds: float, rate: int, channels: int = 1, freq: float = 220.0) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    wave = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return np.stack([wave * (1 + 0.1 * c) for c in range(channels)], axis=1)
