@@ -13,7 +13,7 @@ from sonic import audio as A
 from sonic.pipeline import load_speech
 from sonic.video_io import ffmpeg_exe
 
-from .conftest import sine
+from helpers import sine
 
 
 def _states(num_whisper_frames: int) -> tuple[torch.Tensor, torch.Tensor]:

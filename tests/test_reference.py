@@ -11,7 +11,7 @@ import torch
 from sonic import pipeline
 from sonic.params import SampleOptions
 
-from .conftest import rel_err
+from helpers import rel_err
 
 PRE_BOUND = 1e-4  # pre.*, audio.*, clip.*: relative to max |ref|
 UNET_BOUND = 1e-3

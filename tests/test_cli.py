@@ -1,0 +1,122 @@
+"""`python -m sonic generate` end to end on the tiny models, and its one-line errors on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import soundfile
+from PIL import Image
+
+from sonic.cli import main
+
+
+def probe(path):
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        audio = container.streams.audio
+        frames = sum(1 for _ in container.decode(video=0))
+        return {
+            "codec": video.codec_context.name,
+            "pix_fmt": video.codec_context.pix_fmt,
+            "fps": video.average_rate,
+            "size": (video.codec_context.width, video.codec_context.height),
+            "frames": frames,
+            "duration": float(video.duration * video.time_base),
+            "audio": audio[0].codec_context.name if audio else None,
+            "audio_duration": float(audio[0].duration * audio[0].time_base) if audio else 0.0,
+        }
+
+
+def _run(tiny_dir, out, *extra):
+    inputs = tiny_dir / "inputs"
+    cmd = [sys.executable, "-m", "sonic", "generate", "--models", str(tiny_dir / "models"),
+           "--image", str(inputs / "portrait.png"), "--audio", str(inputs / "speech.wav"), "--out", str(out),
+           "--min-resolution", "128", "--device", "cpu", "--dtype", "fp32", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_generate_writes_a_playable_mp4_with_detection_and_interpolation(tiny_dir, tmp_path):
+    out = tmp_path / "talk.mp4"
+    result = _run(tiny_dir, out, "--steps", "1")
+    assert result.returncode == 0, result.stderr
+    info = probe(out)
+    frames = 2 * (4.6 * 25 // 2) - 1  # 57 generated frames -> 113 after RIFE
+    assert info["codec"] == "h264" and info["pix_fmt"] == "yuv420p" and info["audio"] == "aac"
+    assert info["fps"] == 25 and info["frames"] == frames and info["size"] == (128, 256)
+    assert abs(info["duration"] - frames / 25) <= 1 / 25
+    assert abs(info["audio_duration"] - frames / 25) <= 0.05
+    data = out.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat")  # +faststart: plays while downloading
+    assert not [p for p in tmp_path.iterdir() if p.name != "talk.mp4"]  # no temporary leftovers
+
+
+def test_generate_without_interpolation_and_shorter_duration(tiny_dir, tmp_path):
+    out = tmp_path / "short.mp4"
+    dump = tmp_path / "dump.safetensors"
+    result = _run(tiny_dir, out, "--steps", "1", "--no-interpolation", "--duration", "2",
+                  "--face-box", "37.25,37,76.25,76.25", "--dump", str(dump))
+    assert result.returncode == 0, result.stderr
+    info = probe(out)
+    assert info["fps"] == Fraction(25, 2) and info["frames"] == 25
+    assert abs(info["duration"] - 2.0) <= 1 / 12.5
+    from safetensors.torch import load_file
+
+    dumped = load_file(str(dump))
+    assert dumped["final_latents"].shape == (1, 25, 4, 32, 16)
+    assert dumped["video_before_interp"].shape == dumped["video_final"].shape == (1, 3, 25, 256, 128)
+    assert 0 <= float(dumped["video_final"].min()) and float(dumped["video_final"].max()) <= 1
+
+
+def _error_of(capsys, *argv):
+    code = main(["generate", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def _args(tiny_dir, tmp_path, image=None, audio=None, models=None):
+    inputs = tiny_dir / "inputs"
+    return ["--models", str(models or tiny_dir / "models"), "--image", str(image or inputs / "portrait.png"),
+            "--audio", str(audio or inputs / "speech.wav"), "--out", str(tmp_path / "o.mp4"),
+            "--min-resolution", "128", "--steps", "1", "--device", "cpu"]
+
+
+def test_no_face_found(tiny_dir, tmp_path, capsys):
+    blank = tmp_path / "wall.png"
+    Image.fromarray(np.full((256, 256, 3), 200, np.uint8)).save(blank)
+    assert "no face found" in _error_of(capsys, *_args(tiny_dir, tmp_path, image=blank))
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_unreadable_image(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "photo.jpg"
+    bad.write_bytes(b"\x89PNG broken")
+    assert "could not be read" in _error_of(capsys, *_args(tiny_dir, tmp_path, image=bad))
+
+
+@pytest.mark.parametrize("kind, message", [("garbage", "could not be decoded"), ("empty", "no samples")])
+def test_bad_audio(tiny_dir, tmp_path, capsys, kind, message):
+    audio = tmp_path / "speech.wav"
+    if kind == "garbage":
+        audio.write_bytes(b"RIFF....WAVEfmt nonsense" * 10)
+    else:
+        soundfile.write(audio, np.zeros(0, np.float32), 16000)
+    assert message in _error_of(capsys, *_args(tiny_dir, tmp_path, audio=audio))
+
+
+def test_missing_weights(tiny_dir, tmp_path, capsys):
+    empty = tmp_path / "models"
+    empty.mkdir()
+    err = _error_of(capsys, *_args(tiny_dir, tmp_path, models=empty))
+    assert "unet.pth" in err and "huggingface.co" in err
+
+
+def test_duration_longer_than_audio(tiny_dir, tmp_path, capsys):
+    err = _error_of(capsys, *_args(tiny_dir, tmp_path), "--duration", "9", "--face-box", "37,37,76,76")
+    assert "longer than the audio" in err
