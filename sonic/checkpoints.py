@@ -74,19 +74,25 @@ class ModelLayout:
 
     def missing(self, interpolation: bool = True) -> list[str]:
         """Human-readable list of required files that are absent (empty when everything is there)."""
-        required = [
-            (self.unet, SONIC_URL),
-            (self.audio2token, SONIC_URL),
-            (self.audio2bucket, SONIC_URL),
-            (self.whisper / "config.json", WHISPER_URL),
-            (self.svd / "unet" / "config.json", SVD_URL),
-            (self.svd / "vae" / "config.json", SVD_URL),
-            (self.svd / "image_encoder" / "config.json", SVD_URL),
-            (self.svd / "scheduler" / "scheduler_config.json", SVD_URL),
+        svd = self.svd
+        required: list[tuple[tuple[Path, ...], str]] = [
+            ((self.unet,), SONIC_URL),
+            ((self.audio2token,), SONIC_URL),
+            ((self.audio2bucket,), SONIC_URL),
+            ((self.whisper / "config.json",), WHISPER_URL),
+            ((self.whisper / "model.safetensors",), WHISPER_URL),
+            ((self.whisper / "preprocessor_config.json",), WHISPER_URL),
+            ((svd / "unet" / "config.json",), SVD_URL),
+            ((svd / "vae" / "config.json",), SVD_URL),
+            (tuple(svd / "vae" / f"diffusion_pytorch_model{v}.safetensors" for v in (".fp16", "")), SVD_URL),
+            ((svd / "image_encoder" / "config.json",), SVD_URL),
+            (tuple(svd / "image_encoder" / f"model{v}.safetensors" for v in (".fp16", "")), SVD_URL),
+            ((svd / "scheduler" / "scheduler_config.json",), SVD_URL),
         ]
         if interpolation:
-            required.append((self.rife, SONIC_URL))
-        return [f"{path} (from {url})" for path, url in required if not path.is_file()]
+            required.append(((self.rife,), SONIC_URL))
+        return [" or ".join(str(p) for p in paths) + f" (from {url})"
+                for paths, url in required if not any(p.is_file() for p in paths)]
 
     def require(self, interpolation: bool = True) -> None:
         missing = self.missing(interpolation)

@@ -75,13 +75,13 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"config {path} could not be read ({exc}); download it again") from exc
 
 
-def _pretrained_variant(folder: Path, stems: tuple[str, ...], prefer_half: bool) -> str | None:
-    """None for the full-precision weight file, 'fp16' for the `.fp16.` variant, whichever is present."""
-    have_full = any((folder / f"{s}.safetensors").is_file() or (folder / f"{s}.bin").is_file() for s in stems)
-    have_half = any((folder / f"{s}.fp16.safetensors").is_file() or (folder / f"{s}.fp16.bin").is_file() for s in stems)
+def _pretrained_variant(folder: Path, stem: str, prefer_half: bool) -> str | None:
+    """None for the full-precision safetensors file, 'fp16' for the `.fp16.` variant, whichever is present."""
+    have_full = (folder / f"{stem}.safetensors").is_file()
+    have_half = (folder / f"{stem}.fp16.safetensors").is_file()
     if not (have_full or have_half):
         raise FileNotFoundError(
-            f"no weights in {folder} (expected {stems[0]}.safetensors or {stems[0]}.fp16.safetensors); "
+            f"no weights in {folder} (expected {stem}.safetensors or {stem}.fp16.safetensors); "
             "download them from https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt"
         )
     if have_half and (prefer_half or not have_full):
@@ -93,7 +93,7 @@ def load_vae(layout: ModelLayout, device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderKLTemporalDecoder
 
     folder = layout.svd / "vae"
-    variant = _pretrained_variant(folder, ("diffusion_pytorch_model",), dtype != torch.float32)
+    variant = _pretrained_variant(folder, "diffusion_pytorch_model", dtype != torch.float32)
     # The official pipeline runs the VAE in the compute dtype and ignores `force_upcast` (spec §1.2).
     vae = AutoencoderKLTemporalDecoder.from_pretrained(
         folder, variant=variant, local_files_only=True, torch_dtype=dtype
@@ -105,7 +105,7 @@ def load_image_encoder(layout: ModelLayout, device: torch.device, dtype: torch.d
     from transformers import CLIPVisionModelWithProjection
 
     folder = layout.svd / "image_encoder"
-    variant = _pretrained_variant(folder, ("model", "pytorch_model"), dtype != torch.float32)
+    variant = _pretrained_variant(folder, "model", dtype != torch.float32)
     encoder = CLIPVisionModelWithProjection.from_pretrained(folder, variant=variant, local_files_only=True)
     return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

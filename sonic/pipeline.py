@@ -48,7 +48,7 @@ class SonicConditioning:
     audio_samples: np.ndarray  # 16 kHz mono, trimmed to the requested duration
     face_box: FaceBox  # in the animated image (after the crop)
     crop_box: tuple[int, int, int, int] | None  # x1, y1, x2, y2 in the input image, when cropped
-    extras: dict = field(default_factory=dict)  # intermediate tensors kept for checks (clip pixels, windows)
+    extras: dict = field(default_factory=dict)  # intermediates, only with prepare(keep_intermediates=True)
 
     @property
     def num_frames(self) -> int:
@@ -132,8 +132,12 @@ def encode_audio(models: SonicModels, samples: np.ndarray, image_embeds: torch.T
 
 
 @torch.no_grad()
-def prepare(models: SonicModels, image, audio, options: PrepareOptions | None = None) -> SonicConditioning:
-    """Portrait (path or PIL image) + audio (path, (waveform, rate) or ComfyUI AUDIO) -> conditioning."""
+def prepare(models: SonicModels, image, audio, options: PrepareOptions | None = None,
+            keep_intermediates: bool = False) -> SonicConditioning:
+    """Portrait (path or PIL image) + audio (path, (waveform, rate) or ComfyUI AUDIO) -> conditioning.
+
+    `keep_intermediates` keeps the CLIP pixels, Whisper features and audio windows in `extras` (for checks;
+    the windows take ~150 KB per frame)."""
     options = options or PrepareOptions()
     img, face, crop = _portrait(models, image, options)
     portrait: PortraitTensors = prepare_portrait(img, face, options.min_resolution)
@@ -146,7 +150,7 @@ def prepare(models: SonicModels, image, audio, options: PrepareOptions | None = 
     image_latents = models.vae.encode(ref_image.to(device, dtype)).latent_dist.mean  # [1, 4, h, w]
 
     tokens, uncond, buckets, extras = encode_audio(models, samples, image_embeds)
-    extras["clip_pixels"] = portrait.clip_pixels
+    extras = {**extras, "clip_pixels": portrait.clip_pixels} if keep_intermediates else {}
     return SonicConditioning(
         ref_image=ref_image,
         face_mask=portrait.face_mask[None, :1],

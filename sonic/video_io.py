@@ -67,7 +67,9 @@ def write_mp4(
     cmd += ["-vf", "crop=trunc(iw/2)*2:trunc(ih/2)*2", "-c:v", "libx264", "-pix_fmt", "yuv420p",
             "-crf", str(crf), "-preset", preset, "-r", str(rate), "-t", f"{duration:.6f}",
             "-movflags", "+faststart", "-f", "mp4", str(tmp)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    log_path = os.path.join(workdir, "ffmpeg.log")  # a file, not a pipe: a full pipe would stall ffmpeg
+    log_file = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=log_file)
     written = 0
     try:
         try:
@@ -81,8 +83,10 @@ def write_mp4(
             pass  # ffmpeg exited early; its error message is reported below
         finally:
             proc.stdin.close()
-        stderr = proc.stderr.read().decode(errors="replace").strip()
-        if proc.wait() != 0:
+        code = proc.wait()
+        log_file.flush()
+        stderr = Path(log_path).read_text(errors="replace").strip()
+        if code != 0:
             raise RuntimeError(f"ffmpeg failed writing {path}: {stderr.splitlines()[-1] if stderr else 'no message'}")
         if written != num_frames:
             raise RuntimeError(f"expected {num_frames} frames for {path} but got {written}")
@@ -91,7 +95,7 @@ def write_mp4(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        proc.stderr.close()
+        log_file.close()
         tmp.unlink(missing_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
     return path

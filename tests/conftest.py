@@ -65,7 +65,8 @@ def tiny_cond(tiny_models, tiny_dir, tiny_params):
     from sonic.pipeline import prepare
 
     options = PrepareOptions(min_resolution=tiny_params["min_resolution"], face_box=tuple(tiny_params["face_bbox_xywh"]))
-    return prepare(tiny_models, tiny_dir / tiny_params["image"], tiny_dir / tiny_params["audio"], options)
+    return prepare(tiny_models, tiny_dir / tiny_params["image"], tiny_dir / tiny_params["audio"], options,
+                   keep_intermediates=True)
 
 
 @pytest.fixture(scope="session")

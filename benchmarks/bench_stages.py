@@ -1,0 +1,205 @@
+"""Time every stage of one Sonic generation and record peak memory.
+
+    python benchmarks/bench_stages.py --models ../shared/reference/sonic-tiny/models            # a models folder
+    python benchmarks/bench_stages.py --random-full --device cuda --seconds 10 --steps 25      # real sizes
+
+`--random-full` builds the released architectures (SVD-xt UNet + Sonic audio layers, SVD VAE, CLIP ViT-H/14,
+Whisper-tiny encoder, audio MLPs, RIFE) with random weights in memory: speed does not depend on weight values.
+Prints a table and writes JSON next to this script under results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from sonic import pipeline  # noqa: E402
+from sonic.face import largest_face  # noqa: E402
+from sonic.params import PrepareOptions, SampleOptions  # noqa: E402
+
+REFERENCE = HERE.parent.parent / "shared" / "reference"
+
+
+def random_full_models(device: torch.device, dtype: torch.dtype, svd_config_dir: Path):
+    """The released architectures with random weights (no files needed beyond the SVD-xt configs)."""
+    from diffusers import AutoencoderKLTemporalDecoder
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, WhisperConfig, WhisperFeatureExtractor
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from sonic.face import DlibFaceDetector
+    from sonic.loader import SonicModels
+    from sonic.models.audio_proj import AudioToBucket, AudioToTokens
+    from sonic.models.rife import IFNet
+    from sonic.models.unet import build_sonic_unet
+
+    def init(module):
+        module.to_empty(device=device)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(0, 0.02)
+        return module
+
+    unet, conditioning = build_sonic_unet(json.loads((svd_config_dir / "unet/config.json").read_text()), 1024)
+    unet = torch.nn.Module.to(init(unet), dtype=dtype)  # plain .to: no diffusers fp32-module warning
+    vae_config = json.loads((svd_config_dir / "vae/config.json").read_text())
+    vae = torch.nn.Module.to(AutoencoderKLTemporalDecoder.from_config(vae_config), device, dtype).eval()
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
+        image_size=224, projection_dim=1024, hidden_act="gelu")).to(device, dtype).eval()
+    whisper = WhisperEncoder(WhisperConfig(d_model=384, encoder_layers=4, encoder_attention_heads=6,
+                                           encoder_ffn_dim=1536, num_mel_bins=80)).to(device).eval()
+    with torch.device("meta"):
+        tokens, bucket = AudioToTokens(19200, 1024, 32, 1024), AudioToBucket(20224, 1024, 2)
+        rife = IFNet(90)
+    return SonicModels(
+        unet=unet, audio_conditioning=conditioning, vae=vae, image_encoder=clip, whisper_encoder=whisper,
+        feature_extractor=WhisperFeatureExtractor(), audio_to_tokens=init(tokens).eval(),
+        audio_to_bucket=init(bucket).eval(), rife=init(rife).eval(),
+        scheduler_config=json.loads((svd_config_dir / "scheduler/scheduler_config.json").read_text()),
+        face_detector=DlibFaceDetector(), device=device, dtype=dtype)
+
+
+class Recorder:
+    def __init__(self, device: torch.device):
+        self.device, self.rows = device, []
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def stage(self, name: str, count: int | None = None, unit: str = ""):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._sync()
+        start = time.perf_counter()
+        row = {"stage": name}
+        yield row
+        self._sync()
+        row["seconds"] = time.perf_counter() - start
+        if count:
+            row["per_item_s"], row["items"], row["unit"] = row["seconds"] / count, count, unit
+        if self.device.type == "cuda":
+            row["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        row["cpu_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        self.rows.append(row)
+
+    def table(self) -> str:
+        lines = [f"{'stage':<16}{'seconds':>10}{'per item':>16}{'GPU peak GiB':>14}{'RSS GiB':>10}"]
+        for r in self.rows:
+            per = f"{r['per_item_s']:.3f}s/{r['unit']}" if "per_item_s" in r else ""
+            gpu = f"{r['gpu_peak_gib']:.2f}" if "gpu_peak_gib" in r else "-"
+            lines.append(f"{r['stage']:<16}{r['seconds']:>10.2f}{per:>16}{gpu:>14}{r['cpu_peak_rss_gib']:>10.2f}")
+        return "\n".join(lines)
+
+
+def speech(seconds: float | None, path: Path) -> tuple[np.ndarray, int]:
+    import soundfile
+
+    data, rate = soundfile.read(str(path), dtype="float32")
+    if seconds:
+        reps = int(np.ceil(seconds * rate / len(data)))
+        data = np.tile(data, reps)[: int(seconds * rate)]
+    return data, rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--models", type=Path, help="models folder (official layout)")
+    source.add_argument("--random-full", action="store_true", help="released architectures, random weights")
+    parser.add_argument("--svd-config", type=Path, default=REFERENCE / "svd-xt")
+    parser.add_argument("--image", type=Path, help="portrait (default: scikit-image's astronaut)")
+    parser.add_argument("--audio", type=Path, default=REFERENCE / "sonic-tiny/inputs/speech.wav")
+    parser.add_argument("--seconds", type=float, help="loop the audio to this length")
+    parser.add_argument("--min-resolution", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--windows-per-call", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--name", default=None, help="result file name (default from the settings)")
+    args = parser.parse_args()
+
+    from sonic.loader import load_models, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    rec = Recorder(device)
+    with rec.stage("load models"):
+        if args.random_full:
+            models = random_full_models(device, dtype, args.svd_config)
+        else:
+            models = load_models(args.models, device, dtype)
+
+    from PIL import Image
+
+    if args.image:
+        image = Image.open(args.image).convert("RGB")
+    else:
+        from skimage import data
+
+        image = Image.fromarray(data.astronaut())
+    rgb = np.asarray(image)
+    with rec.stage("face detect"):
+        face = largest_face(models.face_detector, rgb)
+    waveform, rate = speech(args.seconds, args.audio)
+    with rec.stage("audio load"):
+        samples = pipeline.load_speech((waveform, rate))
+    prep = PrepareOptions(min_resolution=args.min_resolution, face_box=face)
+    with rec.stage("prepare total"):
+        cond = pipeline.prepare(models, image, (samples, pipeline.audio_lib.SAMPLE_RATE), prep, keep_intermediates=True)
+    with rec.stage("CLIP"):
+        with torch.no_grad():
+            models.image_encoder(pixel_values=cond.extras["clip_pixels"][None].to(device, dtype))
+    with rec.stage("VAE encode"):
+        with torch.no_grad():
+            models.vae.encode(cond.ref_image.to(device, dtype))
+    with rec.stage("audio encode", cond.num_frames, "frame"):
+        pipeline.encode_audio(models, samples, cond.image_embeds)
+
+    options = SampleOptions(inference_steps=args.steps, windows_per_call=args.windows_per_call)
+    calls = []
+    with rec.stage("sampling"):
+        latents = pipeline.sample(models, cond, options, progress=lambda done, total: calls.append(total))
+    rec.rows[-1].update(per_item_s=rec.rows[-1]["seconds"] / calls[-1], items=calls[-1], unit="call")
+
+    with rec.stage("VAE decode", cond.num_frames, "frame"):
+        decoded = [c for c in pipeline.decode_chunks(models, latents, options.decode_chunk_size)]
+    with rec.stage("RIFE x2", 2 * cond.num_frames - 1, "frame"):
+        final = [pipeline.to_uint8_frames(c) for c in pipeline.interpolate_chunks(models.rife, iter(decoded))]
+    del decoded
+    from sonic.video_io import write_mp4
+
+    width, height = cond.size
+    total = sum(f.shape[0] for f in final)
+    with rec.stage("MP4 encode", total, "frame"), tempfile.TemporaryDirectory() as tmp:
+        write_mp4(Path(tmp) / "bench.mp4", (f.numpy() for f in final), 25.0, width, height, total,
+                  audio=(samples, pipeline.audio_lib.SAMPLE_RATE))
+
+    settings = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "frames": cond.num_frames,
+                "size": cond.size, "steps": args.steps, "windows_per_call": args.windows_per_call,
+                "audio_s": len(samples) / 16000, "models": "random-full" if args.random_full else str(args.models),
+                "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    print(json.dumps(settings))
+    print(rec.table())
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    name = args.name or f"{'full' if args.random_full else 'models'}-{device.type}-{cond.size[0]}x{cond.size[1]}"
+    (out_dir / f"{name}.json").write_text(json.dumps({"settings": settings, "stages": rec.rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
