@@ -120,3 +120,14 @@ def test_missing_weights(tiny_dir, tmp_path, capsys):
 def test_duration_longer_than_audio(tiny_dir, tmp_path, capsys):
     err = _error_of(capsys, *_args(tiny_dir, tmp_path), "--duration", "9", "--face-box", "37,37,76,76")
     assert "longer than the audio" in err
+
+
+def test_convert_command(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_dir / "models", models)
+    assert main(["convert", "--models", str(models)]) == 0
+    assert "unet.safetensors" in capsys.readouterr().out
+    assert main(["convert", "--models", str(models)]) == 0
+    assert "nothing to convert" in capsys.readouterr().out
