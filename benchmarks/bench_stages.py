@@ -38,6 +38,7 @@ def random_full_models(device: torch.device, dtype: torch.dtype, svd_config_dir:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+    from sonic.encoders import DiffusersVAE, TransformersImageEncoder
     from sonic.face import DlibFaceDetector
     from sonic.loader import SonicModels
     from sonic.models.audio_proj import AudioToBucket, AudioToTokens
@@ -64,7 +65,8 @@ def random_full_models(device: torch.device, dtype: torch.dtype, svd_config_dir:
         tokens, bucket = AudioToTokens(19200, 1024, 32, 1024), AudioToBucket(20224, 1024, 2)
         rife = IFNet(90)
     return SonicModels(
-        unet=unet, audio_conditioning=conditioning, vae=vae, image_encoder=clip, whisper_encoder=whisper,
+        unet=unet, audio_conditioning=conditioning, vae=DiffusersVAE(vae), image_encoder=TransformersImageEncoder(clip),
+        whisper_encoder=whisper,
         feature_extractor=WhisperFeatureExtractor(), audio_to_tokens=init(tokens).eval(),
         audio_to_bucket=init(bucket).eval(), rife=init(rife).eval(),
         scheduler_config=json.loads((svd_config_dir / "scheduler/scheduler_config.json").read_text()),
@@ -161,11 +163,9 @@ def main() -> None:
     with rec.stage("prepare total"):
         cond = pipeline.prepare(models, image, (samples, pipeline.audio_lib.SAMPLE_RATE), prep, keep_intermediates=True)
     with rec.stage("CLIP"):
-        with torch.no_grad():
-            models.image_encoder(pixel_values=cond.extras["clip_pixels"][None].to(device, dtype))
+        models.image_encoder.embed(cond.extras["clip_image"][None])
     with rec.stage("VAE encode"):
-        with torch.no_grad():
-            models.vae.encode(cond.ref_image.to(device, dtype))
+        models.vae.encode_mean(cond.ref_image)
     with rec.stage("audio encode", cond.num_frames, "frame"):
         pipeline.encode_audio(models, samples, cond.image_embeds)
 

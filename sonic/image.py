@@ -22,7 +22,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class PortraitTensors:
     ref_image: torch.Tensor  # [3, H, W] in [-1, 1]
     face_mask: torch.Tensor  # [3, H, W] in [0, 1] (soft edges from the LANCZOS resize)
-    clip_pixels: torch.Tensor  # [3, 224, 224], CLIP-normalised
+    clip_image: torch.Tensor  # [3, 224, 224] in [0, 1] (the CLIP encoder normalises it)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -74,11 +74,15 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def clip_input(img: Image.Image) -> torch.Tensor:
-    """LANCZOS squash to 224x224 (no aspect preservation), then CLIP mean/std."""
-    pixels = _to_tensor(img.resize((CLIP_SIZE, CLIP_SIZE), Image.LANCZOS))
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (pixels - mean) / std
+    """LANCZOS squash to 224x224 (no aspect preservation), in [0, 1]."""
+    return _to_tensor(img.resize((CLIP_SIZE, CLIP_SIZE), Image.LANCZOS))
+
+
+def normalize_clip(image: torch.Tensor) -> torch.Tensor:
+    """CLIP mean/std normalisation of [..., 3, H, W] pixels in [0, 1]."""
+    mean = torch.tensor(CLIP_MEAN, device=image.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=image.device).view(3, 1, 1)
+    return (image.float() - mean) / std
 
 
 def prepare_portrait(img: Image.Image, face: FaceBox, min_resolution: int) -> PortraitTensors:
@@ -91,5 +95,5 @@ def prepare_portrait(img: Image.Image, face: FaceBox, min_resolution: int) -> Po
     return PortraitTensors(
         ref_image=_to_tensor(img) * 2.0 - 1.0,
         face_mask=_to_tensor(mask),
-        clip_pixels=clip_input(img),
+        clip_image=clip_input(img),
     )

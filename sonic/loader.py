@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .checkpoints import ModelLayout, load_checked, read_state_dict
+from .encoders import DiffusersVAE, TransformersImageEncoder
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ class SonicModels:
 
     unet: Any
     audio_conditioning: Any
-    vae: Any
-    image_encoder: Any
+    vae: Any  # encoders.DiffusersVAE or anything with its interface
+    image_encoder: Any  # encoders.TransformersImageEncoder or anything with its interface
     whisper_encoder: Any
     feature_extractor: Any
     audio_to_tokens: Any
@@ -58,14 +59,6 @@ class SonicModels:
     face_detector: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def latent_scaling(self) -> float:
-        return float(self.vae.config.scaling_factor)
 
 
 def _read_json(path: Path) -> dict:
@@ -98,7 +91,7 @@ def load_vae(layout: ModelLayout, device: torch.device, dtype: torch.dtype):
     vae = AutoencoderKLTemporalDecoder.from_pretrained(
         folder, variant=variant, local_files_only=True, torch_dtype=dtype
     )
-    return vae.to(device=device).eval().requires_grad_(False)
+    return DiffusersVAE(vae.to(device=device).eval().requires_grad_(False))
 
 
 def load_image_encoder(layout: ModelLayout, device: torch.device, dtype: torch.dtype):
@@ -107,7 +100,7 @@ def load_image_encoder(layout: ModelLayout, device: torch.device, dtype: torch.d
     folder = layout.svd / "image_encoder"
     variant = _pretrained_variant(folder, "model", dtype != torch.float32)
     encoder = CLIPVisionModelWithProjection.from_pretrained(folder, variant=variant, local_files_only=True)
-    return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return TransformersImageEncoder(encoder.to(device=device, dtype=dtype).eval().requires_grad_(False))
 
 
 def load_whisper(layout: ModelLayout, device: torch.device):

@@ -143,14 +143,12 @@ def prepare(models: SonicModels, image, audio, options: PrepareOptions | None = 
     portrait: PortraitTensors = prepare_portrait(img, face, options.min_resolution)
     samples = load_speech(audio, options.duration)
 
-    device, dtype = models.device, models.dtype
-    clip_pixels = portrait.clip_pixels[None].to(device, dtype)
-    image_embeds = models.image_encoder(pixel_values=clip_pixels).image_embeds  # [1, D]
+    image_embeds = models.image_encoder.embed(portrait.clip_image[None])  # [1, D]
     ref_image = portrait.ref_image[None]
-    image_latents = models.vae.encode(ref_image.to(device, dtype)).latent_dist.mean  # [1, 4, h, w]
+    image_latents = models.vae.encode_mean(ref_image)  # [1, 4, h, w], unscaled
 
     tokens, uncond, buckets, extras = encode_audio(models, samples, image_embeds)
-    extras = {**extras, "clip_pixels": portrait.clip_pixels} if keep_intermediates else {}
+    extras = {**extras, "clip_image": portrait.clip_image} if keep_intermediates else {}
     return SonicConditioning(
         ref_image=ref_image,
         face_mask=portrait.face_mask[None, :1],
@@ -252,7 +250,7 @@ def sample(
     elif tuple(noise.shape) != expected:
         raise ValueError(f"initial noise has shape {tuple(noise.shape)}, expected {expected} for this input")
     sigmas, timesteps = schedule_from_config(models.scheduler_config, options.inference_steps, options.noise_strength)
-    ref_latents = (cond.image_latents.to(device, dtype) * models.latent_scaling)  # [1, 4, h, w]
+    ref_latents = cond.image_latents.to(device, dtype) * models.vae.scaling_factor  # [1, 4, h, w]
     latents = ref_latents + noise[0].to(device, dtype) * sigmas[0].to(device, dtype)  # [F, 4, h, w]
 
     denoiser = SonicDenoiser(models, cond, options, len(timesteps), cancel)
@@ -274,13 +272,11 @@ def sample(
 def decode_chunks(models: SonicModels, latents: torch.Tensor, chunk_size: int = 8,
                   cancel: CancelFn | None = None) -> Iterator[torch.Tensor]:
     """Temporal VAE decode, `chunk_size` frames at a time -> [n, 3, H, W] float32 in [0, 1] on the device."""
-    z = latents[0] / models.latent_scaling
+    z = latents[0] / models.vae.scaling_factor
     for start in range(0, z.shape[0], chunk_size):
         if cancel is not None:
             cancel()
-        chunk = z[start : start + chunk_size].to(models.vae.dtype)
-        frames = models.vae.decode(chunk, num_frames=chunk.shape[0]).sample
-        yield (frames.float() * 0.5 + 0.5).clamp(0, 1)
+        yield models.vae.decode(z[start : start + chunk_size]).to(models.device)
 
 
 @torch.no_grad()

@@ -113,7 +113,7 @@ def test_nan_audio_is_rejected():
 def test_silence_and_long_audio_produce_finite_conditioning(tiny_models):
     from sonic.pipeline import encode_audio
 
-    embeds = torch.zeros(1, tiny_models.image_encoder.config.projection_dim)
+    embeds = torch.zeros(1, tiny_models.image_encoder.model.config.projection_dim)
     silence = np.zeros(int(31.5 * A.SAMPLE_RATE), np.float32)  # > 30 s: two Whisper chunks
     tokens, uncond, buckets, extras = encode_audio(tiny_models, silence, embeds)
     assert extras["audio_feature"].shape[0] == 2

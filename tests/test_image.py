@@ -54,7 +54,7 @@ def test_prepare_portrait_shapes_and_ranges():
     assert tensors.size == (128, 192)
     assert tensors.ref_image.shape == (3, 192, 128) and -1 <= tensors.ref_image.min() <= tensors.ref_image.max() <= 1
     assert tensors.face_mask.shape == (3, 192, 128) and 0 <= tensors.face_mask.min() and tensors.face_mask.max() <= 1
-    assert tensors.clip_pixels.shape == (3, 224, 224)
+    assert tensors.clip_image.shape == (3, 224, 224) and 0 <= tensors.clip_image.min()
 
 
 def test_load_image_applies_exif_rotation(tmp_path):
