@@ -77,16 +77,20 @@ def to_mono_16k(waveform: np.ndarray | torch.Tensor, sample_rate: int) -> np.nda
     return np.ascontiguousarray(waveform, dtype=np.float32)
 
 
-def load_audio(path: str | os.PathLike) -> np.ndarray:
-    """Any common audio file -> float32 mono samples at 16 kHz."""
+def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Any common audio file -> (float32 [channels, samples], native sample rate)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file {path} not found")
-    decoded = _read_with_soundfile(path) or _read_with_av(path)
-    samples, rate = decoded
+    samples, rate = _read_with_soundfile(path) or _read_with_av(path)
     if samples.size == 0:
         raise ValueError(f"audio file {path} contains no samples; give a recording with speech in it")
-    return to_mono_16k(samples, rate)
+    return samples, rate
+
+
+def load_audio(path: str | os.PathLike) -> np.ndarray:
+    """Any common audio file -> float32 mono samples at 16 kHz."""
+    return to_mono_16k(*read_audio(path))
 
 
 def frame_count_25fps(num_samples: int) -> int:

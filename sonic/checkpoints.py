@@ -27,6 +27,9 @@ SVD_URL = "https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt"
 WHISPER_URL = "https://huggingface.co/openai/whisper-tiny"
 
 SVD_DIR = "stable-video-diffusion-img2vid-xt"
+# SVD-xt's UNet and scheduler configs (public JSON), used when the models folder has no SVD folder: with
+# ComfyUI's own VAE and CLIP_VISION nothing else from SVD is needed.
+BUNDLED_SVD = Path(__file__).resolve().parent / "configs" / "svd-xt"
 WHISPER_DIR = "whisper-tiny"
 YOLO_FILE = "yoloface_v5m.pt"
 
@@ -72,8 +75,15 @@ class ModelLayout:
         safe = self.root / f"{stem}.safetensors"
         return safe if safe.is_file() else self.root / f"{stem}{pickle_suffix}"
 
-    def missing(self, interpolation: bool = True) -> list[str]:
-        """Human-readable list of required files that are absent (empty when everything is there)."""
+    def svd_config(self, relative: str) -> Path:
+        """An SVD-xt config file: the models folder's copy if present, else the bundled one."""
+        path = self.svd / relative
+        return path if path.is_file() else BUNDLED_SVD / relative
+
+    def missing(self, interpolation: bool = True, svd_weights: bool = True) -> list[str]:
+        """Human-readable list of required files that are absent (empty when everything is there).
+
+        `svd_weights=False` when the VAE and CLIP image encoder come from elsewhere (ComfyUI's own)."""
         svd = self.svd
         required: list[tuple[tuple[Path, ...], str]] = [
             ((self.unet,), SONIC_URL),
@@ -82,20 +92,21 @@ class ModelLayout:
             ((self.whisper / "config.json",), WHISPER_URL),
             ((self.whisper / "model.safetensors",), WHISPER_URL),
             ((self.whisper / "preprocessor_config.json",), WHISPER_URL),
-            ((svd / "unet" / "config.json",), SVD_URL),
-            ((svd / "vae" / "config.json",), SVD_URL),
-            (tuple(svd / "vae" / f"diffusion_pytorch_model{v}.safetensors" for v in (".fp16", "")), SVD_URL),
-            ((svd / "image_encoder" / "config.json",), SVD_URL),
-            (tuple(svd / "image_encoder" / f"model{v}.safetensors" for v in (".fp16", "")), SVD_URL),
-            ((svd / "scheduler" / "scheduler_config.json",), SVD_URL),
         ]
+        if svd_weights:
+            required += [
+                ((svd / "vae" / "config.json",), SVD_URL),
+                (tuple(svd / "vae" / f"diffusion_pytorch_model{v}.safetensors" for v in (".fp16", "")), SVD_URL),
+                ((svd / "image_encoder" / "config.json",), SVD_URL),
+                (tuple(svd / "image_encoder" / f"model{v}.safetensors" for v in (".fp16", "")), SVD_URL),
+            ]
         if interpolation:
             required.append(((self.rife,), SONIC_URL))
         return [" or ".join(str(p) for p in paths) + f" (from {url})"
                 for paths, url in required if not any(p.is_file() for p in paths)]
 
-    def require(self, interpolation: bool = True) -> None:
-        missing = self.missing(interpolation)
+    def require(self, interpolation: bool = True, svd_weights: bool = True) -> None:
+        missing = self.missing(interpolation, svd_weights)
         if missing:
             raise FileNotFoundError(
                 f"Sonic models folder {self.root} is incomplete; missing: " + "; ".join(missing)

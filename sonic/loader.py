@@ -133,7 +133,7 @@ def load_audio_mlps(layout: ModelLayout, device: torch.device):
 def load_unet(layout: ModelLayout, audio_dim: int, device: torch.device, dtype: torch.dtype):
     from .models.unet import build_sonic_unet
 
-    config = _read_json(layout.svd / "unet" / "config.json")
+    config = _read_json(layout.svd_config("unet/config.json"))
     unet, conditioning = build_sonic_unet(config, audio_dim, device="meta")
     state = read_state_dict(layout.unet)
     load_checked(unet, state, layout.unet)
@@ -157,24 +157,29 @@ def load_models(
     dtype: str | torch.dtype | None = "auto",
     interpolation: bool = True,
     face_detector: str = "auto",
+    vae=None,
+    image_encoder=None,
 ) -> SonicModels:
-    """Load a complete Sonic setup. `face_detector`: 'auto' (YOLO if present, else dlib), 'yolo', 'dlib', 'none'."""
+    """Load a complete Sonic setup. `face_detector`: 'auto' (YOLO if present, else dlib), 'yolo', 'dlib', 'none'.
+
+    `vae` / `image_encoder`: objects with the interface of `encoders.DiffusersVAE` / `TransformersImageEncoder`
+    to use instead of the SVD folder's (then the SVD weights need not be present)."""
     from .face import make_face_detector
 
     layout = ModelLayout(Path(models_dir))
-    layout.require(interpolation)
+    layout.require(interpolation, svd_weights=vae is None or image_encoder is None)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
 
     audio_to_tokens, audio_to_bucket = load_audio_mlps(layout, device)
     whisper_encoder, extractor = load_whisper(layout, device)
     unet, conditioning = load_unet(layout, audio_to_tokens.token_dim, device, dtype)
-    scheduler_config = _read_json(layout.svd / "scheduler" / "scheduler_config.json")
+    scheduler_config = _read_json(layout.svd_config("scheduler/scheduler_config.json"))
     return SonicModels(
         unet=unet,
         audio_conditioning=conditioning,
-        vae=load_vae(layout, device, dtype),
-        image_encoder=load_image_encoder(layout, device, dtype),
+        vae=vae if vae is not None else load_vae(layout, device, dtype),
+        image_encoder=image_encoder if image_encoder is not None else load_image_encoder(layout, device, dtype),
         whisper_encoder=whisper_encoder,
         feature_extractor=extractor,
         audio_to_tokens=audio_to_tokens,

@@ -60,9 +60,8 @@ class SonicConditioning:
         return self.ref_image.shape[3], self.ref_image.shape[2]
 
 
-def _portrait(models: SonicModels, image, options: PrepareOptions):
-    """-> (the image that is animated, face box in it, crop box or None)."""
-    img = load_image(image) if isinstance(image, (str, os.PathLike)) else image
+def locate_face(models: SonicModels, img, options: PrepareOptions):
+    """-> (face box in the animated image, crop box in the input image or None). Cacheable per image."""
     rgb = np.asarray(img)
     width, height = img.size
 
@@ -73,14 +72,11 @@ def _portrait(models: SonicModels, image, options: PrepareOptions):
 
     face = validate_face_box(options.face_box, width, height) if options.face_box else find_face(rgb)
     if not options.crop:
-        return img, face, None
+        return face, None
     crop = square_crop_box(face, width, height, options.expand_ratio)
-    img = img.crop(crop)
     if options.face_box:  # translate the caller's box into the crop
-        face = (face[0] - crop[0], face[1] - crop[1], face[2], face[3])
-    else:  # the official demo re-detects on the cropped image
-        face = find_face(np.asarray(img))
-    return img, face, crop
+        return (face[0] - crop[0], face[1] - crop[1], face[2], face[3]), crop
+    return find_face(np.asarray(img.crop(crop))), crop  # the official demo re-detects on the cropped image
 
 
 def load_speech(audio, duration: float | None = None) -> np.ndarray:
@@ -133,13 +129,16 @@ def encode_audio(models: SonicModels, samples: np.ndarray, image_embeds: torch.T
 
 @torch.no_grad()
 def prepare(models: SonicModels, image, audio, options: PrepareOptions | None = None,
-            keep_intermediates: bool = False) -> SonicConditioning:
+            keep_intermediates: bool = False, located=None) -> SonicConditioning:
     """Portrait (path or PIL image) + audio (path, (waveform, rate) or ComfyUI AUDIO) -> conditioning.
 
     `keep_intermediates` keeps the CLIP pixels, Whisper features and audio windows in `extras` (for checks;
-    the windows take ~150 KB per frame)."""
+    the windows take ~150 KB per frame). `located`: a cached result of `locate_face` for this image."""
     options = options or PrepareOptions()
-    img, face, crop = _portrait(models, image, options)
+    img = load_image(image) if isinstance(image, (str, os.PathLike)) else image
+    face, crop = located or locate_face(models, img, options)
+    if crop is not None:
+        img = img.crop(crop)
     portrait: PortraitTensors = prepare_portrait(img, face, options.min_resolution)
     samples = load_speech(audio, options.duration)
 

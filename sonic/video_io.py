@@ -32,7 +32,10 @@ def _write_wav(samples: np.ndarray, sample_rate: int, folder: str) -> str:
     import soundfile
 
     path = os.path.join(folder, "audio.wav")
-    soundfile.write(path, np.asarray(samples, dtype=np.float32), sample_rate, subtype="FLOAT")
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim == 2:  # [channels, samples] -> soundfile's [samples, channels]
+        samples = samples.T
+    soundfile.write(path, samples, sample_rate, subtype="FLOAT")
     return path
 
 
@@ -47,7 +50,8 @@ def write_mp4(
     crf: int = 18,
     preset: str = "medium",
 ) -> Path:
-    """Encode uint8 [n, H, W, 3] frame chunks; the audio (a file or (samples, rate)) is trimmed to the video."""
+    """Encode uint8 [n, H, W, 3] frame chunks; the audio (a file, or (samples [T] or [C, T], rate)) is trimmed
+    to the video."""
     path = Path(path)
     if num_frames < 1:
         raise ValueError("there are no frames to write")

@@ -1,0 +1,37 @@
+"""The memory-mapped frame store used for long videos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sonic.frames import FrameStore
+
+
+def test_frames_round_trip_in_chunks(tmp_path):
+    store = FrameStore(4, 6, capacity=10, fps=25, folder=tmp_path)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (10, 4, 6, 3), dtype=np.uint8)
+    store.append(frames[:3])
+    store.append(frames[3:])
+    assert len(store) == 10 and store.shape == (10, 4, 6, 3)
+    np.testing.assert_array_equal(np.concatenate(list(store.chunks(4))), frames)
+    images = store.images(2, 5)
+    assert images.shape == (3, 4, 6, 3) and float(images.max()) <= 1.0
+    np.testing.assert_allclose(images.numpy() * 255, frames[2:5], atol=1e-4)
+    with pytest.raises(ValueError, match="full"):
+        store.append(frames[:1])
+    path = store.path
+    assert path.exists()
+    store.close()
+    assert not path.exists()
+
+
+def test_wrong_frames_are_rejected(tmp_path):
+    store = FrameStore(4, 6, capacity=2, fps=25, folder=tmp_path)
+    with pytest.raises(ValueError, match="uint8"):
+        store.append(np.zeros((1, 4, 6, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        store.append(np.zeros((1, 5, 6, 3), np.uint8))
+    del store
+    assert not list(tmp_path.iterdir())
