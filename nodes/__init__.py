@@ -1,4 +1,30 @@
-"""ComfyUI nodes: thin adapters between ComfyUI types and the `sonic` engine (added with the node-pack issue)."""
+"""ComfyUI nodes: thin adapters between ComfyUI types and the `sonic` engine.
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+Importing this module is cheap (no torch): heavy imports happen inside the node functions.
+"""
+
+from .comfy import register_model_folder
+from .loaders import SonicLoadAudio, SonicLoadImage
+from .model import SonicModelLoader
+from .sampling import SonicPreDataNode, SonicSamplerNode
+from .video import SonicVideoEncode
+
+register_model_folder()
+
+NODE_CLASS_MAPPINGS = {
+    "SonicLoadImage": SonicLoadImage,
+    "SonicLoadAudio": SonicLoadAudio,
+    "SonicModelLoader": SonicModelLoader,
+    "SonicPreData": SonicPreDataNode,
+    "SonicSampler": SonicSamplerNode,
+    "SonicVideoEncode": SonicVideoEncode,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "SonicLoadImage": "Sonic Load Image",
+    "SonicLoadAudio": "Sonic Load Audio",
+    "SonicModelLoader": "Sonic Model Loader",
+    "SonicPreData": "Sonic PreData",
+    "SonicSampler": "Sonic Sampler",
+    "SonicVideoEncode": "Sonic Video Encode",
+}

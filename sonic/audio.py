@@ -132,3 +132,14 @@ def frame_windows(
     token_windows = tokens.unfold(0, 10, WHISPER_STRIDE)[:num_frames].permute(0, 3, 1, 2)
     bucket_windows = buckets.unfold(0, 50, WHISPER_STRIDE)[:num_frames].permute(0, 3, 1, 2)
     return token_windows.contiguous(), bucket_windows.contiguous()
+
+
+def trim_silence(samples: np.ndarray, sample_rate: int, top_db: float = 40.0) -> np.ndarray:
+    """Cut leading/trailing parts quieter than `top_db` below the peak (judged on the mono mix), all channels."""
+    import librosa
+
+    mono = samples.mean(axis=0) if samples.ndim == 2 else samples
+    _, (start, end) = librosa.effects.trim(mono, top_db=top_db, frame_length=1024, hop_length=256)
+    if end <= start:
+        raise ValueError("the audio is silent throughout; nothing is left after trimming silence")
+    return np.ascontiguousarray(samples[..., start:end])

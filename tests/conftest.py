@@ -88,3 +88,25 @@ def astronaut_png(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("img") / "astronaut.png"
     Image.fromarray(data.astronaut()).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def comfy_env(tmp_path_factory, tiny_dir):
+    """A ComfyUI stand-in (tests/comfy_stub) with models/sonic = the tiny reference models, the reference
+    portrait and speech in the input folder, and the pack loaded the way ComfyUI loads it."""
+    import sys
+
+    base = tmp_path_factory.mktemp("comfy")
+    for sub in ("input", "output", "temp", "models"):
+        (base / sub).mkdir()
+    (base / "models" / "sonic").symlink_to(tiny_dir / "models", target_is_directory=True)
+    shutil.copy(tiny_dir / "inputs" / "portrait.png", base / "input" / "portrait.png")
+    shutil.copy(tiny_dir / "inputs" / "speech.wav", base / "input" / "speech.wav")
+    os.environ["SONIC_TEST_COMFY_BASE"] = str(base)
+    sys.path.insert(0, str(ROOT / "tests" / "comfy_stub"))
+    for name in [m for m in sys.modules if m == "folder_paths" or m == "comfy" or m.startswith("comfy.")]:
+        del sys.modules[name]
+    from comfy_harness import load_pack
+
+    pack = load_pack(ROOT)
+    return {"base": base, "pack": pack, "mappings": pack.NODE_CLASS_MAPPINGS}

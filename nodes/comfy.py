@@ -1,0 +1,84 @@
+"""The one place that talks to ComfyUI's own modules (imported lazily, so the pack imports in milliseconds).
+
+Everything ComfyUI-specific the nodes need: folders, progress bars, cancel, devices and model management.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SONIC_FOLDER = "sonic"
+
+
+def folder_paths():
+    import folder_paths as fp  # ComfyUI's module (top-level name in ComfyUI's process)
+
+    return fp
+
+
+def register_model_folder() -> None:
+    """`models/sonic` as a model folder, merged with any `sonic:` paths from extra_model_paths.yaml."""
+    try:
+        fp = folder_paths()
+    except ImportError:  # not running inside ComfyUI (tests, plain Python)
+        return
+    default = os.path.join(fp.models_dir, SONIC_FOLDER)
+    if SONIC_FOLDER in fp.folder_names_and_paths:
+        fp.add_model_folder_path(SONIC_FOLDER, default)  # keep the user's paths first
+    else:
+        fp.folder_names_and_paths[SONIC_FOLDER] = ([default], set(fp.supported_pt_extensions))
+
+
+def model_management():
+    import comfy.model_management as mm
+
+    return mm
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel (never swallow it)."""
+    model_management().throw_exception_if_processing_interrupted()
+
+
+def progress_bar(total: int):
+    import comfy.utils
+
+    return comfy.utils.ProgressBar(total)
+
+
+def model_patcher(module, load_device, offload_device):
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+
+
+def load_to_gpu(patchers: list, memory_required: int = 0) -> None:
+    """Load our modules onto the compute device, evicting other models as needed (one call per stage)."""
+    patchers = [p for p in patchers if p is not None]
+    if patchers:
+        model_management().load_models_gpu(patchers, memory_required=memory_required, force_full_load=True)
+
+
+def devices():
+    """(compute device, offload device, intermediate device) as ComfyUI configures them."""
+    mm = model_management()
+    return mm.get_torch_device(), mm.unet_offload_device(), mm.intermediate_device()
+
+
+def inside(path: str | os.PathLike, roots: list[str]) -> bool:
+    resolved = Path(path).resolve()
+    return any(resolved == Path(r).resolve() or Path(r).resolve() in resolved.parents for r in roots)
+
+
+def user_file(name: str) -> Path:
+    """Resolve a file name from a widget: an input-folder name (with ComfyUI's `[input]`/`[output]`
+    annotations) or a path inside ComfyUI's input, output or temp folders. Nothing outside them."""
+    fp = folder_paths()
+    roots = [fp.get_input_directory(), fp.get_output_directory(), fp.get_temp_directory()]
+    candidate = Path(name) if os.path.isabs(name) else Path(fp.get_annotated_filepath(name))
+    if not inside(candidate, roots):
+        raise ValueError(f"{name!r} is outside ComfyUI's input/output folders; put the file in the input folder")
+    if not candidate.is_file():
+        raise FileNotFoundError(f"file {name!r} not found in ComfyUI's input folder; upload it first")
+    return candidate

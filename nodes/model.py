@@ -1,0 +1,165 @@
+"""SonicModelLoader: the Sonic networks from the `sonic` model folder, managed by ComfyUI's model management.
+
+SVD's VAE and CLIP image encoder come either from the folder's diffusers copy or from ComfyUI's own `VAE` and
+`CLIP_VISION` (e.g. `ImageOnlyCheckpointLoader` on svd_xt.safetensors), so no second copy of SVD is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import comfy
+
+UNET_NAMES = ("unet.safetensors", "unet.pth")
+SVD_LATENT_SCALE = 0.18215  # SD1.x latent format, used by SVD; ComfyUI's VAE returns unscaled latents
+
+
+class ComfyVAE:
+    """ComfyUI's `VAE` (temporal SVD decoder) with the engine's VAE interface."""
+
+    scaling_factor = SVD_LATENT_SCALE
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    def encode_mean(self, image):
+        """[B, 3, H, W] in [-1, 1] -> unscaled latents (ComfyUI's VAE returns the distribution's mode = mean)."""
+        pixels = ((image.float() + 1) / 2).clamp(0, 1).movedim(1, -1)
+        return self.vae.encode(pixels)
+
+    def decode(self, latents):
+        """One temporal chunk of unscaled latents -> [n, 3, H, W] float32 in [0, 1]."""
+        return self.vae.decode(latents).float().movedim(-1, 1)
+
+
+class ComfyImageEncoder:
+    """ComfyUI's `CLIP_VISION` with the engine's image-encoder interface.
+
+    The engine gives a 224x224 LANCZOS squash in [0, 1]; at that size ComfyUI's preprocessing does no resize and
+    only quantises to 1/255 (a no-op for these pixels) before the CLIP mean/std, i.e. the official input."""
+
+    def __init__(self, clip_vision):
+        self.clip_vision = clip_vision
+
+    def embed(self, image):
+        return self.clip_vision.encode_image(image.float().movedim(1, -1))["image_embeds"]
+
+
+@dataclass
+class SonicModel:
+    """The SONIC_MODEL value: the engine's models plus the ComfyUI patchers that move them on and off the GPU."""
+
+    models: Any  # sonic.loader.SonicModels, weights on the offload device until a stage loads them
+    audio_patcher: Any
+    unet_patcher: Any
+    image_patchers: list  # diffusers VAE / CLIP when they come from the folder; ComfyUI manages its own
+    rife_patcher: Any
+    root: Path
+
+    def load(self, *stages: str) -> None:
+        """Bring the modules of the named stages ('audio', 'image', 'unet', 'rife') onto the compute device."""
+        wanted = {"audio": [self.audio_patcher], "image": self.image_patchers, "unet": [self.unet_patcher],
+                  "rife": [self.rife_patcher]}
+        comfy.load_to_gpu([p for stage in stages for p in wanted[stage]])
+
+
+def _unet_files() -> list[str]:
+    try:
+        names = comfy.folder_paths().get_filename_list(comfy.SONIC_FOLDER)
+    except (ImportError, KeyError):
+        return []
+    return [n for n in names if Path(n).name in UNET_NAMES]
+
+
+def _resolve_dtype(choice: str, device):
+    import torch
+
+    if choice != "auto":
+        from ..sonic.loader import DTYPES
+
+        return DTYPES[choice]
+    mm = comfy.model_management()
+    if device.type == "cpu":
+        return torch.float32
+    if mm.should_use_fp16(device):
+        return torch.float16  # the official default
+    return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+
+
+_CACHE: dict = {}
+
+
+class SonicModelLoader:
+    DESCRIPTION = ("Load Sonic (UNet, audio encoders, RIFE, face detector) from models/sonic. Connect VAE and "
+                   "CLIP_VISION from an SVD checkpoint loader, or keep the diffusers SVD folder in models/sonic.")
+    CATEGORY = "Sonic"
+    RETURN_TYPES = ("SONIC_MODEL",)
+    RETURN_NAMES = ("sonic_model",)
+    OUTPUT_TOOLTIPS = ("Sonic's networks, loaded once and kept between runs.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "sonic_unet": (_unet_files(), {"tooltip": "Sonic/unet.pth (or .safetensors) inside models/sonic; "
+                               "audio2token, audio2bucket, whisper-tiny and RIFE are read from the same folder."}),
+                "dtype": (["auto", "fp16", "bf16", "fp32"], {"default": "auto", "tooltip":
+                          "Compute precision. auto: fp16 on GPUs (official), fp32 on the CPU."}),
+                "interpolation": ("BOOLEAN", {"default": True, "tooltip":
+                                  "RIFE x2: 25 fps output instead of 12.5 fps (needs RIFE/flownet.pkl)."}),
+                "face_detector": (["auto", "yolo", "dlib"], {"default": "auto", "tooltip":
+                                  "auto: the official yoloface_v5m.pt when present, else dlib's built-in detector."}),
+            },
+            "optional": {
+                "vae": ("VAE", {"tooltip": "SVD's VAE from ComfyUI (e.g. ImageOnlyCheckpointLoader on svd_xt)."}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "SVD's CLIP image encoder from ComfyUI."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, sonic_unet):
+        try:
+            comfy.folder_paths().get_full_path_or_raise(comfy.SONIC_FOLDER, sonic_unet)
+        except FileNotFoundError:
+            return f"{sonic_unet} not found in models/sonic; download Sonic's files there (see README)"
+        return True
+
+    def load(self, sonic_unet, dtype="auto", interpolation=True, face_detector="auto", vae=None, clip_vision=None):
+        unet_path = Path(comfy.folder_paths().get_full_path_or_raise(comfy.SONIC_FOLDER, sonic_unet))
+        root = unet_path.parent.parent  # the official layout: <root>/Sonic/unet.pth
+        if (vae is None) != (clip_vision is None):
+            raise ValueError("connect both vae and clip_vision (from the same SVD checkpoint), or neither to use "
+                             "the diffusers SVD folder in models/sonic")
+        key = (str(root), dtype, interpolation, face_detector, id(vae), id(clip_vision))
+        if key not in _CACHE:
+            _CACHE.clear()  # one Sonic at a time: a second copy would only waste memory
+            _CACHE[key] = self._build(root, dtype, interpolation, face_detector, vae, clip_vision)
+        return (_CACHE[key],)
+
+    @staticmethod
+    def _build(root, dtype, interpolation, face_detector, vae, clip_vision) -> SonicModel:
+        import torch
+
+        from ..sonic.loader import load_models
+
+        device, offload, _ = comfy.devices()
+        compute_dtype = _resolve_dtype(dtype, device)
+        external = vae is not None
+        models = load_models(root, device=offload, dtype=compute_dtype, interpolation=interpolation,
+                             face_detector=face_detector, vae=ComfyVAE(vae) if external else None,
+                             image_encoder=ComfyImageEncoder(clip_vision) if external else None)
+        models.device = device  # where the stages run; the patchers move the weights there
+        if models.face_detector is not None and hasattr(models.face_detector, "net"):
+            models.face_detector.device = offload  # the TorchScript detector is small: it stays off the GPU
+
+        def patcher(module):
+            return comfy.model_patcher(module, device, offload) if module is not None else None
+
+        audio = torch.nn.ModuleDict({"whisper": models.whisper_encoder, "tokens": models.audio_to_tokens,
+                                     "bucket": models.audio_to_bucket})
+        image = [] if external else [patcher(models.vae.model), patcher(models.image_encoder.model)]
+        return SonicModel(models=models, audio_patcher=patcher(audio), unet_patcher=patcher(models.unet),
+                          image_patchers=image, rife_patcher=patcher(models.rife), root=root)

@@ -1,0 +1,211 @@
+"""SonicPreData (portrait + audio -> conditioning) and SonicSampler (conditioning -> frames, audio, fps)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from . import comfy
+
+MAX_IMAGE_BATCH_BYTES = 4 * 2**30  # auto mode: above this a float32 IMAGE batch becomes a frames file
+_FACE_CACHE: OrderedDict = OrderedDict()  # (image digest, crop settings, detector) -> (face box, crop box)
+_FACE_CACHE_SIZE = 32
+
+
+@dataclass
+class SonicPreData:
+    """The SONIC_PREDATA value: the engine's conditioning plus the AUDIO it was made from."""
+
+    cond: Any  # sonic.pipeline.SonicConditioning
+    audio: dict  # ComfyUI AUDIO, trimmed to the requested duration
+
+    def __repr__(self) -> str:
+        w, h = self.cond.size
+        return f"SonicPreData({self.cond.num_frames} frames at 12.5 fps, {w}x{h})"
+
+
+@dataclass
+class SonicFrames:
+    """The SONIC_FRAMES value: the video as uint8 frames in a memory-mapped file, plus its audio and fps."""
+
+    store: Any  # sonic.frames.FrameStore
+    audio: dict
+    fps: float
+
+    def __repr__(self) -> str:
+        return repr(self.store)
+
+
+def parse_face_box(text: str):
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise ValueError(f"face_box {text!r} must be four numbers x,y,w,h in pixels of the image, or empty to detect")
+    return values
+
+
+def image_to_pil(image):
+    """First image of a ComfyUI IMAGE batch -> RGB PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    if image.ndim != 4 or image.shape[0] < 1 or image.shape[-1] < 3:
+        raise ValueError(f"image must be an IMAGE batch [B, H, W, 3], got shape {tuple(image.shape)}")
+    pixels = (image[0, :, :, :3].float().clamp(0, 1) * 255).round().byte().cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(pixels))
+
+
+def trim_audio(audio: dict, seconds: float) -> dict:
+    """AUDIO cut (or zero-padded) to exactly `seconds`, batch item 0."""
+    import torch
+
+    waveform, rate = audio["waveform"], int(audio["sample_rate"])
+    n = int(round(seconds * rate))
+    out = waveform[:1, :, :n]
+    if out.shape[-1] < n:
+        out = torch.nn.functional.pad(out, (0, n - out.shape[-1]))
+    return {"waveform": out.contiguous(), "sample_rate": rate}
+
+
+class SonicPreDataNode:
+    DESCRIPTION = ("Analyse the portrait (face, mask, CLIP, reference latents) and the speech (Whisper, audio "
+                   "tokens, motion buckets). The same portrait with new audio reuses the face analysis.")
+    CATEGORY = "Sonic"
+    RETURN_TYPES = ("SONIC_PREDATA",)
+    RETURN_NAMES = ("predata",)
+    OUTPUT_TOOLTIPS = ("Everything the sampler needs; independent of the seed.",)
+    FUNCTION = "prepare"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "sonic_model": ("SONIC_MODEL", {"tooltip": "From Sonic Model Loader."}),
+                "image": ("IMAGE", {"tooltip": "The portrait (first image of the batch is used)."}),
+                "audio": ("AUDIO", {"tooltip": "The speech, from Sonic Load Audio or ComfyUI's Load Audio."}),
+                "min_resolution": ("INT", {"default": 512, "min": 128, "max": 2048, "step": 64, "tooltip":
+                                   "Short side of the video; both sides are rounded to multiples of 64. "
+                                   "Higher is sharper and much slower (1024 costs ~5x 512)."}),
+                "duration": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 36000.0, "step": 0.1, "tooltip":
+                             "Seconds of audio to animate. 0 = the whole audio; shorter trims it; longer than the "
+                             "audio is an error."}),
+                "crop": ("BOOLEAN", {"default": False, "tooltip":
+                         "Animate a square crop around the face (official demo) instead of the whole photo."}),
+                "expand_ratio": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip":
+                                 "With crop: margin around the face, in face sizes."}),
+            },
+            "optional": {
+                "face_box": ("STRING", {"default": "", "tooltip":
+                             "Optional x,y,w,h of the face in image pixels; empty = detect it."}),
+            },
+        }
+
+    def prepare(self, sonic_model, image, audio, min_resolution=512, duration=0.0, crop=False, expand_ratio=0.5,
+                face_box=""):
+        from ..sonic.params import PrepareOptions
+        from ..sonic.pipeline import load_speech, locate_face, prepare
+
+        options = PrepareOptions(min_resolution=min_resolution, crop=crop, expand_ratio=expand_ratio,
+                                 face_box=parse_face_box(face_box), duration=duration or None)
+        load_speech(audio, options.duration)  # cheap checks first (empty, too short, duration > audio)
+        pil = image_to_pil(image)
+        models = sonic_model.models
+        detector = getattr(models.face_detector, "name", "none")
+        key = (hashlib.sha256(pil.tobytes()).hexdigest(), pil.size, options.face_box, crop, expand_ratio, detector)
+        located = _FACE_CACHE.get(key)
+        if located is None:
+            located = locate_face(models, pil, options)
+            _FACE_CACHE[key] = located
+            while len(_FACE_CACHE) > _FACE_CACHE_SIZE:
+                _FACE_CACHE.popitem(last=False)
+        else:
+            _FACE_CACHE.move_to_end(key)
+        comfy.check_interrupt()
+        sonic_model.load("audio", "image")
+        cond = prepare(models, pil, audio, options, located=located)
+        seconds = len(cond.audio_samples) / 16000
+        return (SonicPreData(cond=cond, audio=trim_audio(audio, seconds)),)
+
+
+class SonicSamplerNode:
+    DESCRIPTION = ("Generate the talking video: denoise with Sonic, decode chunk by chunk and interpolate to "
+                   "25 fps. Outputs frames, the audio cut to them and the fps, for any video node.")
+    CATEGORY = "Sonic"
+    RETURN_TYPES = ("IMAGE", "AUDIO", "FLOAT", "SONIC_FRAMES")
+    RETURN_NAMES = ("images", "audio", "fps", "frames")
+    OUTPUT_TOOLTIPS = (
+        "All frames as an IMAGE batch; in frames-file mode only the first frame (a preview).",
+        "The input audio, cut to the video's length.",
+        "Frames per second (25 with interpolation, 12.5 without).",
+        "The frames as a uint8 memory-mapped file, for long videos (Sonic Video Encode reads it chunk by chunk).",
+    )
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..sonic.params import DEFAULT_SEED
+
+        return {
+            "required": {
+                "sonic_model": ("SONIC_MODEL", {"tooltip": "From Sonic Model Loader."}),
+                "predata": ("SONIC_PREDATA", {"tooltip": "From Sonic PreData."}),
+                "seed": ("INT", {"default": DEFAULT_SEED, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "control_after_generate": True, "tooltip": "Random seed (official default 72589)."}),
+                "steps": ("INT", {"default": 25, "min": 1, "max": 200, "tooltip":
+                          "Denoising steps. 25 is official; 10-15 is a fast preview."}),
+                "dynamic_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0, "step": 0.05, "tooltip":
+                                  "Overall motion (head and expression): 0.5 calm, 1 official, 2 lively."}),
+                "motion_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0, "step": 0.05, "tooltip":
+                                 "Extra factor on head motion only; 1 = official."}),
+                "audio_guidance": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip":
+                                   "How strongly lips follow the audio (official 7.5)."}),
+                "appearance_guidance": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 10.0, "step": 0.1, "tooltip":
+                                        "How strongly the video keeps the portrait's look (official 2.0)."}),
+                "ip_audio_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip":
+                                   "Strength of the audio cross-attention inside the UNet (official 1.0)."}),
+                "output": (["auto", "images", "frames file"], {"default": "auto", "tooltip":
+                           "images: a normal IMAGE batch. frames file: uint8 frames on disk for long videos "
+                           "(IMAGE output is then one preview frame). auto: frames file above 4 GB of IMAGE."}),
+            },
+        }
+
+    def sample(self, sonic_model, predata, seed, steps=25, dynamic_scale=1.0, motion_scale=1.0, audio_guidance=7.5,
+               appearance_guidance=2.0, ip_audio_scale=1.0, output="auto"):
+        from ..sonic import pipeline
+        from ..sonic.frames import FrameStore
+        from ..sonic.params import SampleOptions
+
+        models, cond = sonic_model.models, predata.cond
+        options = SampleOptions(inference_steps=steps, seed=seed, dynamic_scale=dynamic_scale,
+                                motion_scale=motion_scale, audio_guidance=audio_guidance,
+                                min_appearance_guidance=appearance_guidance, max_appearance_guidance=appearance_guidance,
+                                ip_audio_scale=ip_audio_scale)
+        bar = comfy.progress_bar(1)
+        sonic_model.load("unet")
+        latents = pipeline.sample(models, cond, options, progress=lambda done, total: bar.update_absolute(done, total),
+                                  cancel=comfy.check_interrupt)
+
+        fps = pipeline.output_fps(options, models, cond.num_frames)
+        count = 2 * cond.num_frames - 1 if fps > pipeline.audio_lib.GENERATED_FPS else cond.num_frames
+        width, height = cond.size
+        store = FrameStore(height, width, count, fps, folder=comfy.folder_paths().get_temp_directory())
+        sonic_model.load("image", "rife")
+        decode_bar = comfy.progress_bar(count)
+        for chunk in pipeline.decode(models, latents, options, cancel=comfy.check_interrupt):
+            store.append(pipeline.to_uint8_frames(chunk))
+            decode_bar.update(chunk.shape[0])
+        store.flush()
+        del latents
+
+        _, _, intermediate = comfy.devices()
+        audio = trim_audio(predata.audio, count / fps)
+        as_images = output == "images" or (output == "auto" and count * height * width * 3 * 4 <= MAX_IMAGE_BATCH_BYTES)
+        images = store.images() if as_images else store.images(0, 1)
+        return (images.to(intermediate), audio, float(fps), SonicFrames(store=store, audio=audio, fps=float(fps)))
