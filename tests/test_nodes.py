@@ -75,3 +75,195 @@ def test_validation_catches_bad_values(comfy_env):
                                ({"1.image": "missing.png"}, "custom validation failed")):
         with pytest.raises(ValidationError, match=message):
             validate_prompt(_graph(**overrides), mappings)
+
+
+def _node(comfy_env, node_id):
+    return comfy_env["mappings"][node_id]()
+
+
+def _model(comfy_env):
+    return _node(comfy_env, "SonicModelLoader").load("Sonic/unet.pth", dtype="fp32")[0]
+
+
+def test_model_loader_caches_and_manages_memory(comfy_env):
+    import comfy.model_management as mm
+
+    first, second = _model(comfy_env), _model(comfy_env)
+    assert first is second  # loaded once, kept between runs
+    with pytest.raises(ValueError, match="both vae and clip_vision"):
+        _node(comfy_env, "SonicModelLoader").load("Sonic/unet.pth", vae=object())
+    mm.LOADED.clear()
+    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
+    audio = _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
+    _node(comfy_env, "SonicPreData").prepare(first, image, audio, min_resolution=128, duration=0.5,
+                                             face_box="37,37,76,76")
+    assert mm.LOADED == [["ModuleDict", "AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection"]]
+
+
+def test_same_portrait_with_new_audio_reuses_the_face_analysis(comfy_env, monkeypatch):
+    from comfy_harness import load_pack  # noqa: F401  (pack already loaded by the fixture)
+
+    model = _model(comfy_env)
+    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
+    audio = _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
+    calls = []
+    detector = model.models.face_detector
+    original = detector.detect
+    monkeypatch.setattr(detector, "detect", lambda rgb: calls.append(rgb.shape) or original(rgb))
+    node = _node(comfy_env, "SonicPreData")
+    first = node.prepare(model, image, audio, min_resolution=128, duration=1.0)[0]
+    quieter = {"waveform": audio["waveform"] * 0.5, "sample_rate": audio["sample_rate"]}
+    second = node.prepare(model, image, quieter, min_resolution=128, duration=0.6)[0]
+    assert len(calls) == 1  # detected once
+    assert first.cond.face_box == second.cond.face_box
+    assert first.cond.num_frames == 12 and second.cond.num_frames == 7
+
+
+def test_predata_errors_are_actionable(comfy_env):
+    model = _model(comfy_env)
+    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
+    audio = _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
+    node = _node(comfy_env, "SonicPreData")
+    with pytest.raises(ValueError, match="longer than the audio"):
+        node.prepare(model, image, audio, duration=30.0)
+    with pytest.raises(ValueError, match="face_box"):
+        node.prepare(model, image, audio, face_box="1,2,3")
+    blank = torch.full((1, 128, 128, 3), 0.5)
+    with pytest.raises(ValueError, match="no face found"):
+        node.prepare(model, blank, audio, min_resolution=128)
+
+
+def test_core_load_audio_output_is_accepted(comfy_env):
+    """ComfyUI's LoadAudio gives float32 [1, C, T] at the file's own rate: a 44.1 kHz stereo clip works."""
+    import numpy as np
+
+    model = _model(comfy_env)
+    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
+    t = np.arange(44100) / 44100
+    wave = torch.from_numpy(np.stack([np.sin(2 * np.pi * 200 * t), np.sin(2 * np.pi * 300 * t)]).astype(np.float32))
+    predata = _node(comfy_env, "SonicPreData").prepare(model, image, {"waveform": wave[None], "sample_rate": 44100},
+                                                      min_resolution=128, face_box="37,37,76,76")[0]
+    assert predata.cond.num_frames == 12 and predata.audio["sample_rate"] == 44100
+
+
+def test_load_audio_keeps_rate_and_channels_and_trims_silence(comfy_env):
+    import numpy as np
+    import soundfile
+
+    rate = 22050
+    tone = 0.5 * np.sin(2 * np.pi * 220 * np.arange(rate) / rate)
+    stereo = np.concatenate([np.zeros(rate // 2), tone, np.zeros(rate)])[:, None] * [1.0, 0.8]
+    soundfile.write(comfy_env["base"] / "input" / "padded.flac", stereo.astype(np.float32), rate)
+    node = _node(comfy_env, "SonicLoadAudio")
+    plain = node.load("padded.flac")[0]
+    trimmed = node.load("padded.flac", trim_silence=True)[0]
+    assert plain["sample_rate"] == rate and plain["waveform"].shape == (1, 2, int(2.5 * rate))
+    assert abs(trimmed["waveform"].shape[-1] - rate) < 0.05 * rate
+
+
+def test_paths_cannot_escape_comfyui_folders(comfy_env, tmp_path):
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"x")
+    cls = comfy_env["mappings"]["SonicLoadImage"]
+    assert "outside" in cls.VALIDATE_INPUTS("portrait.png", str(outside))
+    assert "outside" in cls.VALIDATE_INPUTS("../../etc/passwd")
+    with pytest.raises(ValueError, match="outside"):
+        _node(comfy_env, "SonicLoadImage").load("portrait.png", path_or_url=str(outside))
+
+
+def test_cancel_is_honoured_within_one_step(comfy_env):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    model = _model(comfy_env)
+    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
+    audio = _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
+    predata = _node(comfy_env, "SonicPreData").prepare(model, image, audio, min_resolution=128, duration=1.0,
+                                                      face_box="37,37,76,76")[0]
+    comfy.utils.UPDATES.clear()
+    calls = []
+    unet_forward = model.models.unet.forward
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            mm.interrupt_current_processing()  # the user presses Cancel during the second UNet call
+        return unet_forward(*args, **kwargs)
+
+    model.models.unet.forward = forward
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            _node(comfy_env, "SonicSampler").sample(model, predata, seed=1, steps=5)
+    finally:
+        del model.models.unet.forward
+    assert len(calls) == 2  # stopped before a third call
+    assert comfy.utils.UPDATES[0] == (1, 5)  # progress reports calls out of the total
+
+
+def test_frames_file_mode_for_long_videos(comfy_env):
+    model = _model(comfy_env)
+    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
+    audio = _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
+    predata = _node(comfy_env, "SonicPreData").prepare(model, image, audio, min_resolution=128, duration=1.0,
+                                                      face_box="37,37,76,76")[0]
+    images, audio_out, fps, frames = _node(comfy_env, "SonicSampler").sample(model, predata, seed=1, steps=1,
+                                                                             output="frames file")
+    assert images.shape[0] == 1 and len(frames.store) == 23 and frames.store.path.is_file()
+    assert frames.store.path.parent == comfy_env["base"] / "temp"
+    out = _node(comfy_env, "SonicVideoEncode").encode(fps, filename_prefix="long/clip", frames=frames)
+    path = out["result"][0]
+    import av
+
+    with av.open(path) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 23
+        assert container.streams.audio[0].codec_context.name == "aac"
+
+
+class _ComfyStyleVAE:
+    """Mimics comfy.sd.VAE's interface over the tiny diffusers VAE: IMAGE [B,H,W,3] in [0,1] in, unscaled
+    mode latents out; decode returns IMAGE [n,H,W,3] in [0,1] (each decode batch = one temporal clip)."""
+
+    def __init__(self, diffusers_vae):
+        self.vae = diffusers_vae
+
+    def encode(self, pixels):
+        return self.vae.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.mode()
+
+    def decode(self, latents):
+        out = self.vae.decode(latents, num_frames=latents.shape[0]).sample
+        return ((out + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+class _ComfyStyleClipVision:
+    """Mimics comfy.clip_vision.ClipVisionModel.encode_image: clip_preprocess (no resize at 224, quantise to
+    1/255, CLIP mean/std) then the projected embedding."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def encode_image(self, image):
+        from sonic.image import CLIP_MEAN, CLIP_STD
+
+        pixels = (image.clamp(0, 1) * 255).round() / 255
+        pixels = (pixels.movedim(-1, 1) - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+        return {"image_embeds": self.model(pixel_values=pixels).image_embeds}
+
+
+def test_comfyui_vae_and_clip_vision_give_the_official_conditioning(comfy_env):
+    native = _model(comfy_env)
+    loader = _node(comfy_env, "SonicModelLoader")
+    vae = _ComfyStyleVAE(native.models.vae.model)
+    clip = _ComfyStyleClipVision(native.models.image_encoder.model)
+    external = loader.load("Sonic/unet.pth", dtype="fp32", vae=vae, clip_vision=clip)[0]
+    assert external.image_patchers == []  # ComfyUI manages its own VAE / CLIP_VISION
+    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
+    audio = _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
+    node = _node(comfy_env, "SonicPreData")
+    kwargs = dict(min_resolution=128, duration=1.0, face_box="37.25,37,76.25,76.25")
+    with torch.inference_mode():
+        a = node.prepare(native, image, audio, **kwargs)[0].cond
+        b = node.prepare(external, image, audio, **kwargs)[0].cond
+        torch.testing.assert_close(b.image_embeds, a.image_embeds, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.image_latents, a.image_latents, rtol=1e-5, atol=1e-6)
+        z = a.image_latents.expand(3, -1, -1, -1)
+        torch.testing.assert_close(external.models.vae.decode(z), native.models.vae.decode(z), rtol=1e-5, atol=1e-6)
