@@ -1,0 +1,59 @@
+"""Every shipped template: valid for ComfyUI's frontend and executor, and runs end to end on the tiny models."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import av
+import pytest
+
+from comfy_harness import UI_ONLY_NODES, execute_prompt, ui_to_api, validate_prompt
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+FAST = {"SonicPreData": {"min_resolution": 128, "duration": 1.0}, "SonicSampler": {"steps": 1}}
+
+
+def test_templates_and_api_twins_are_paired():
+    assert NAMES == ["sonic_batch_api", "sonic_hq_1024", "sonic_long_audio", "sonic_quick_512"]
+    assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_template_matches_its_api_twin(comfy_env, name):
+    mappings = comfy_env["mappings"]
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    assert ui["version"] == 0.4 and any(n["type"] == "Note" for n in ui["nodes"])
+    for node in ui["nodes"]:
+        assert node["type"] in mappings or node["type"] in UI_ONLY_NODES
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for link_id, origin, slot, target, target_slot, kind in ui["links"]:
+        assert mappings[nodes[origin]["type"]].RETURN_TYPES[slot] == kind
+        socket = nodes[target]["inputs"][target_slot]
+        assert socket["type"] == kind and socket["link"] == link_id
+    strip = lambda prompt: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}  # noqa: E731
+    assert strip(ui_to_api(ui, mappings)) == strip(api)
+    validate_prompt(copy.deepcopy(api), mappings)  # widget values valid as shipped
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_runs_on_the_tiny_models(comfy_env, name):
+    prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    for node in prompt.values():
+        node["inputs"].update(FAST.get(node["class_type"], {}))
+    results, ui = execute_prompt(prompt, comfy_env["mappings"])
+    sampler = next(k for k, v in prompt.items() if v["class_type"] == "SonicSampler")
+    encoder = next(k for k, v in prompt.items() if v["class_type"] == "SonicVideoEncode")
+    images, audio, fps, frames = results[sampler]
+    assert fps == 25.0 and len(frames.store) == 23  # 1 s -> 12 generated frames -> 23 after RIFE
+    assert images.shape[0] == (1 if prompt[sampler]["inputs"]["output"] == "frames file" else 23)
+    entry = ui[encoder]["images"][0]
+    path = comfy_env["base"] / "output" / entry["subfolder"] / entry["filename"]
+    assert Path(results[encoder][0]) == path
+    with av.open(str(path)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 23
+        assert container.streams.video[0].average_rate == 25
+        assert container.streams.audio[0].codec_context.name == "aac"

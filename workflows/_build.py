@@ -1,0 +1,128 @@
+"""Writes the workflow templates: UI format (workflows/*.json, shown in ComfyUI's template browser) and their
+API-format twins (workflows/api/*.json, for the queue API and tests). Run after changing a template:
+
+    python workflows/_build.py
+
+Each template is data: nodes with their widget values in the frontend's order (an image upload adds "image",
+an audio upload two nulls, a seed its control_after_generate mode) and links. tests/test_workflows.py checks
+both files against the nodes' real definitions and executes every API twin.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# type: (input sockets [(name, type)], outputs [(name, type)], widget names in order (None = UI-only value))
+NODES = {
+    "SonicLoadImage": ([], [("image", "IMAGE"), ("mask", "MASK")], ["image", None, "path_or_url"]),
+    "SonicLoadAudio": ([], [("audio", "AUDIO")], ["audio", None, None, "trim_silence", "silence_db", "path_or_url"]),
+    "SonicModelLoader": ([("vae", "VAE"), ("clip_vision", "CLIP_VISION")], [("sonic_model", "SONIC_MODEL")],
+                         ["sonic_unet", "dtype", "interpolation", "face_detector"]),
+    "SonicPreData": ([("sonic_model", "SONIC_MODEL"), ("image", "IMAGE"), ("audio", "AUDIO")],
+                     [("predata", "SONIC_PREDATA")],
+                     ["min_resolution", "duration", "crop", "expand_ratio", "face_box"]),
+    "SonicSampler": ([("sonic_model", "SONIC_MODEL"), ("predata", "SONIC_PREDATA")],
+                     [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT"), ("frames", "SONIC_FRAMES")],
+                     ["seed", None, "steps", "dynamic_scale", "motion_scale", "audio_guidance", "appearance_guidance",
+                      "ip_audio_scale", "output"]),
+    "SonicVideoEncode": ([("fps", "FLOAT"), ("images", "IMAGE"), ("frames", "SONIC_FRAMES"), ("audio", "AUDIO")],
+                         [("path", "STRING")], ["filename_prefix", "crf"]),
+}
+
+
+def template(title, note, *, min_resolution=512, steps=25, output="auto", crf=18, prefix="Sonic/sonic",
+             seed_mode="randomize", use_frames=False):
+    """The default graph: loaders -> model -> PreData -> sampler -> encoder (+ a note)."""
+    nodes = [
+        (1, "SonicLoadImage", (40, 60), ["portrait.png", "image", ""]),
+        (2, "SonicLoadAudio", (40, 420), ["speech.wav", None, None, False, 40.0, ""]),
+        (3, "SonicModelLoader", (40, 640), ["Sonic/unet.pth", "auto", True, "auto"]),
+        (4, "SonicPreData", (420, 300), [min_resolution, 0.0, False, 0.5, ""]),
+        (5, "SonicSampler", (800, 300), [72589, seed_mode, steps, 1.0, 1.0, 7.5, 2.0, 1.0, output]),
+        (6, "SonicVideoEncode", (1180, 300), [prefix, crf]),
+    ]
+    links = [(3, 0, 4, "sonic_model"), (1, 0, 4, "image"), (2, 0, 4, "audio"), (3, 0, 5, "sonic_model"),
+             (4, 0, 5, "predata"), (5, 2, 6, "fps"), (5, 1, 6, "audio")]
+    links.append((5, 3, 6, "frames") if use_frames else (5, 0, 6, "images"))
+    return {"title": title, "note": note, "nodes": nodes, "links": links}
+
+
+KNOBS = """Knobs (Sonic Sampler):
+- steps: 25 is the official quality; 10-15 for a quick look.
+- dynamic_scale: overall head and face motion (0.5 calm, 1 official, 2 lively).
+- motion_scale: head motion only.
+- audio_guidance 7.5 / appearance_guidance 2.0: lip-sync strength vs. keeping the portrait's look.
+- seed: change it for a different performance of the same audio.
+Sonic PreData: min_resolution is the video's short side (512 official); crop animates a square around the face.
+Models: Sonic's files in models/sonic (see the pack's README)."""
+
+TEMPLATES = {
+    "sonic_quick_512": template(
+        "Sonic - quick 512 preview",
+        "Quick preview at 512 px with 15 steps: pick a portrait and a speech recording, press Queue.\n\n" + KNOBS,
+        steps=15, crf=23, prefix="Sonic/preview"),
+    "sonic_hq_1024": template(
+        "Sonic - 1024 high quality",
+        "1024 px, 25 steps (official quality). Needs a large GPU (about 4x the time and memory of 512).\n\n" + KNOBS,
+        min_resolution=1024, crf=16, prefix="Sonic/hq"),
+    "sonic_long_audio": template(
+        "Sonic - long audio",
+        "For minutes of audio: the sampler writes uint8 frames to a file on disk (output = frames file) and the "
+        "encoder streams them, so RAM stays small whatever the length. The IMAGE output is only a preview frame.\n\n"
+        + KNOBS, output="frames file", use_frames=True, prefix="Sonic/long"),
+    "sonic_batch_api": template(
+        "Sonic - batch (queue API)",
+        "For studios driving ComfyUI over HTTP: set node 1 path_or_url (portrait), node 2 path_or_url (speech; "
+        "files in ComfyUI's input/output folders or http(s) URLs), node 5 seed and node 6 filename_prefix per job, "
+        "then POST the API twin (workflows/api/sonic_batch_api.json) to /prompt. The seed is fixed so a job is "
+        "reproducible.\n\n" + KNOBS, seed_mode="fixed", output="frames file", use_frames=True, prefix="Sonic/batch/job"),
+}
+
+
+def build(spec: dict) -> tuple[dict, dict]:
+    by_id = {nid: (ntype, pos, values) for nid, ntype, pos, values in spec["nodes"]}
+    ui_nodes, ui_links, api = [], [], {}
+    link_ids = {}
+    for number, (src, slot, dst, name) in enumerate(spec["links"], start=1):
+        link_ids[(dst, name)] = number
+        ui_links.append([number, src, slot, dst, [n for n, _ in NODES[by_id[dst][0]][0]].index(name),
+                         NODES[by_id[src][0]][1][slot][1]])
+    for order, (nid, ntype, pos, values) in enumerate(spec["nodes"]):
+        sockets, outputs, widgets = NODES[ntype]
+        assert len(values) == len(widgets), (ntype, values)
+        inputs = {name: value for name, value in zip(widgets, values) if name is not None}
+        for (dst, name), number in link_ids.items():
+            if dst == nid:
+                link = next(link for link in ui_links if link[0] == number)
+                inputs[name] = [str(link[1]), link[2]]
+        api[str(nid)] = {"class_type": ntype, "inputs": inputs, "_meta": {"title": ntype}}
+        ui_nodes.append({
+            "id": nid, "type": ntype, "pos": list(pos), "size": [340, 200], "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": link_ids.get((nid, n))} for n, t in sockets],
+            "outputs": [{"name": n, "type": t, "slot_index": i,
+                         "links": [link[0] for link in ui_links if link[1] == nid and link[2] == i] or None}
+                        for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": ntype}, "widgets_values": values,
+        })
+    ui_nodes.append({"id": 99, "type": "Note", "pos": [420, 620], "size": [720, 260], "flags": {}, "order": len(ui_nodes),
+                     "mode": 0, "inputs": [], "outputs": [], "properties": {}, "title": "How to use",
+                     "widgets_values": [spec["note"]]})
+    ui = {"last_node_id": 99, "last_link_id": len(ui_links), "nodes": ui_nodes, "links": ui_links, "groups": [],
+          "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}, "title": spec["title"]}, "version": 0.4}
+    return ui, api
+
+
+def main() -> None:
+    (HERE / "api").mkdir(exist_ok=True)
+    for name, spec in TEMPLATES.items():
+        ui, api = build(spec)
+        (HERE / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
+        (HERE / "api" / f"{name}.json").write_text(json.dumps(api, indent=1) + "\n")
+        print(name)
+
+
+if __name__ == "__main__":
+    main()
