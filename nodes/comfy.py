@@ -48,9 +48,14 @@ def progress_bar(total: int):
 
 
 def model_patcher(module, load_device, offload_device):
+    """A ModelPatcher for one of our modules. It is wrapped in a plain container because the patcher assigns
+    `model.device`, which diffusers and transformers models expose as a read-only property."""
     import comfy.model_patcher
+    import torch
 
-    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+    holder = torch.nn.Module()
+    holder.inner = module
+    return comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
 
 
 def load_to_gpu(patchers: list, memory_required: int = 0) -> None:

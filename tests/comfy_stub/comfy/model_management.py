@@ -44,6 +44,7 @@ def should_use_bf16(device=None, *args, **kwargs):
 
 def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                     force_full_load=False):
-    LOADED.append([type(m.model).__name__ for m in models])
+    LOADED.append([type(getattr(m.model, "inner", m.model)).__name__ for m in models])
     for m in models:
         m.model.to(m.load_device)
+        m.model.device = m.load_device  # as comfy.model_patcher.ModelPatcher.load does

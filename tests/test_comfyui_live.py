@@ -1,0 +1,185 @@
+"""Opt-in: the pack inside a real ComfyUI, driven over HTTP and WebSocket like a studio's batch client.
+
+    COMFYUI_DIR=/path/to/ComfyUI [COMFYUI_PYTHON=/path/to/python] python -m pytest tests/test_comfyui_live.py
+
+Starts `main.py --cpu` on a free port with an isolated base directory (the pack symlinked into custom_nodes,
+models/sonic = the tiny reference models), uploads the inputs, queues every API workflow, waits on the
+websocket, downloads the MP4 through /view and checks it; then checks that /interrupt cancels a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run these")
+FAST = {"SonicPreData": {"min_resolution": 128, "duration": 1.0}, "SonicSampler": {"steps": 1}}
+PACK = "sonic_portrait"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    def __init__(self, url: str):
+        self.url, self.client_id = url, uuid.uuid4().hex
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.read()
+
+    def post(self, path: str, body: dict) -> dict:
+        req = urllib.request.Request(self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            data = r.read()
+            return json.loads(data) if data else {}
+
+    def upload(self, path: Path) -> str:
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + \
+               f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n--{boundary}--\r\n".encode()
+        req = urllib.request.Request(self.url + "/upload/image", body,
+                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["name"]
+
+    def run(self, prompt: dict, on_progress=None, timeout: float = 600) -> tuple[str, dict]:
+        """Queue a prompt and follow it on the websocket until it ends -> (outcome, history entry)."""
+        import websocket
+
+        ws = websocket.create_connection(f"ws://{self.url.split('://')[1]}/ws?clientId={self.client_id}", timeout=timeout)
+        try:
+            prompt_id = uuid.uuid4().hex
+            reply = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id})
+            assert not reply.get("node_errors"), reply
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                message = ws.recv()
+                if isinstance(message, bytes):
+                    continue  # previews
+                event = json.loads(message)
+                data = event.get("data", {})
+                if data.get("prompt_id") != prompt_id:
+                    continue
+                if event["type"] == "progress" and on_progress:
+                    on_progress(data)
+                if event["type"] in ("execution_error", "execution_interrupted"):
+                    outcome = event["type"]
+                    break
+                if event["type"] == "executing" and data.get("node") is None:
+                    outcome = "success"
+                    break
+            else:
+                raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+        finally:
+            ws.close()
+        history = json.loads(self.get(f"/history/{prompt_id}"))
+        return outcome, history.get(prompt_id, {})
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory, tiny_dir):
+    pytest.importorskip("websocket", reason="pip install websocket-client")
+    base = tmp_path_factory.mktemp("comfyui")
+    for sub in ("custom_nodes", "models", "input", "output", "temp", "user"):
+        (base / sub).mkdir()
+    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+    (base / "models" / "sonic").symlink_to(tiny_dir / "models", target_is_directory=True)
+    port = _free_port()
+    log = open(base / "comfyui.log", "w")
+    cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
+           "--port", str(port), "--base-directory", str(base), "--disable-api-nodes",
+           "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK, "--database-url", "sqlite:///:memory:"]
+    server = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
+    client = Client(f"http://127.0.0.1:{port}")
+    try:
+        for _ in range(240):
+            if server.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: {(base / 'comfyui.log').read_text()[-3000:]}")
+            try:
+                client.get("/system_stats")
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise TimeoutError("ComfyUI did not start in 120 s")
+        yield client, base
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+
+
+def test_pack_loads_in_comfyui(comfyui):
+    client, base = comfyui
+    info = json.loads(client.get("/object_info/SonicSampler"))["SonicSampler"]
+    assert info["category"] == "Sonic" and info["output"] == ["IMAGE", "AUDIO", "FLOAT", "SONIC_FRAMES"]
+    assert "Sonic/unet.pth" in json.dumps(json.loads(client.get("/object_info/SonicModelLoader")))
+    ours = [line for line in (base / "comfyui.log").read_text().splitlines() if PACK in line]
+    assert ours and not any("IMPORT FAILED" in line or "Cannot import" in line for line in ours), ours
+    templates = json.loads(client.get("/workflow_templates"))
+    assert sorted(templates[PACK]) == ["sonic_batch_api", "sonic_hq_1024", "sonic_long_audio", "sonic_quick_512"]
+
+
+@pytest.mark.parametrize("name", ["sonic_quick_512", "sonic_hq_1024", "sonic_long_audio", "sonic_batch_api"])
+def test_api_workflow_over_http(comfyui, tiny_dir, name):
+    import av
+
+    client, base = comfyui
+    portrait = client.upload(tiny_dir / "inputs" / "portrait.png")
+    speech = client.upload(tiny_dir / "inputs" / "speech.wav")
+    prompt = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    for node in prompt.values():
+        node["inputs"].update(FAST.get(node["class_type"], {}))
+        if node["class_type"] == "SonicLoadImage":
+            node["inputs"]["image"] = portrait
+        if node["class_type"] == "SonicLoadAudio":
+            node["inputs"]["audio"] = speech
+        if node["class_type"] == "SonicSampler":  # a new seed per job, or ComfyUI reuses the cached result
+            node["inputs"]["seed"] = sum(map(ord, name))
+    progress = []
+    outcome, history = client.run(prompt, on_progress=progress.append)
+    assert outcome == "success", json.dumps(history.get("status"), indent=1)[-3000:]
+    encoder = next(k for k, v in prompt.items() if v["class_type"] == "SonicVideoEncode")
+    entry = history["outputs"][encoder]["images"][0]
+    assert history["outputs"][encoder]["animated"] == [True]
+    data = client.get(f"/view?filename={entry['filename']}&subfolder={entry['subfolder']}&type={entry['type']}")
+    video = base / f"{name}.mp4"
+    video.write_bytes(data)
+    with av.open(str(video)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 23
+        assert container.streams.audio[0].codec_context.name == "aac"
+    assert progress, "no progress messages were sent"
+
+
+def test_interrupt_cancels_the_sampler(comfyui):
+    client, _ = comfyui
+    prompt = json.loads((ROOT / "workflows" / "api" / "sonic_quick_512.json").read_text())
+    for node in prompt.values():
+        node["inputs"].update(FAST.get(node["class_type"], {}))
+        if node["class_type"] == "SonicSampler":
+            node["inputs"].update(steps=50, seed=123)
+    sent = []
+
+    def interrupt_once(progress):
+        if not sent and progress.get("node") == "5":
+            sent.append(client.post("/interrupt", {}))
+
+    outcome, history = client.run(prompt, on_progress=interrupt_once)
+    assert sent and outcome == "execution_interrupted"
+    assert json.loads(client.get("/system_stats"))  # ComfyUI keeps running
