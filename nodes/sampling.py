@@ -28,7 +28,7 @@ class SonicPreData:
 
 @dataclass
 class SonicFrames:
-    """The SONIC_FRAMES value: the video as uint8 frames in a memory-mapped file, plus its audio and fps."""
+    """The SONIC_FRAMES value: the video as uint8 frames in a file on disk, plus its audio and fps."""
 
     store: Any  # sonic.frames.FrameStore
     audio: dict
@@ -144,7 +144,7 @@ class SonicSamplerNode:
         "All frames as an IMAGE batch; in frames-file mode only the first frame (a preview).",
         "The input audio, cut to the video's length.",
         "Frames per second (25 with interpolation, 12.5 without).",
-        "The frames as a uint8 memory-mapped file, for long videos (Sonic Video Encode reads it chunk by chunk).",
+        "The frames as uint8 in a file on disk, for long videos (Sonic Video Encode reads it chunk by chunk).",
     )
     FUNCTION = "sample"
 

@@ -1,4 +1,4 @@
-"""Long videos without giant float tensors: uint8 frames in a memory-mapped file, written as they are decoded.
+"""Long videos without giant float tensors: uint8 frames in a file on disk, written as they are decoded.
 
 10 minutes at 25 fps and 512x512 is 15,000 frames: 11 GB as uint8 on disk (not in RAM), where a float32 frame
 batch would need 47 GB of memory. Readers take it chunk by chunk.
@@ -17,7 +17,8 @@ import torch
 
 
 class FrameStore:
-    """Append-only uint8 frames [N, H, W, 3] backed by a file; the file is removed with the store."""
+    """Append-only uint8 frames [N, H, W, 3] in a file (plain writes and positioned reads: no mapping, so the
+    process's memory does not grow with the video). The file is removed with the store."""
 
     def __init__(self, height: int, width: int, capacity: int, fps: float, folder: str | os.PathLike | None = None):
         if capacity < 1:
@@ -26,7 +27,8 @@ class FrameStore:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"sonic-frames-{uuid.uuid4().hex}.u8"
         self.height, self.width, self.capacity, self.fps = height, width, capacity, float(fps)
-        self._data = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(capacity, height, width, 3))
+        self.frame_bytes = height * width * 3
+        self._file = open(self.path, "w+b")
         self.count = 0
 
     def __len__(self) -> int:
@@ -47,31 +49,34 @@ class FrameStore:
             raise ValueError(f"frames must be uint8 [n, {self.height}, {self.width}, 3], got {frames.dtype} {frames.shape}")
         if self.count + n > self.capacity:
             raise ValueError(f"frame store is full ({self.capacity} frames)")
-        self._data[self.count : self.count + n] = frames
+        self._file.seek(self.count * self.frame_bytes)
+        self._file.write(np.ascontiguousarray(frames).tobytes())
         self.count += n
 
     def flush(self) -> None:
-        self._data.flush()
+        self._file.flush()
 
     def uint8(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """A read-only view [n, H, W, 3] (memory-mapped; nothing is loaded until touched)."""
-        view = self._data[start : self.count if stop is None else min(stop, self.count)]
-        view.flags.writeable = False
-        return view
+        """Frames [start, stop) as a uint8 array [n, H, W, 3] read from the file."""
+        stop = self.count if stop is None else min(stop, self.count)
+        n = max(stop - start, 0)
+        self._file.flush()
+        data = os.pread(self._file.fileno(), n * self.frame_bytes, start * self.frame_bytes)
+        return np.frombuffer(data, np.uint8).reshape(n, self.height, self.width, 3)
 
     def chunks(self, size: int = 64) -> Iterator[np.ndarray]:
         for start in range(0, self.count, size):
-            yield np.array(self.uint8(start, start + size))
+            yield self.uint8(start, start + size)
 
     def images(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Float32 [n, H, W, 3] in [0, 1] (ComfyUI's IMAGE) for a range of frames."""
-        return torch.from_numpy(np.array(self.uint8(start, stop))).float().div_(255)
+        return torch.from_numpy(self.uint8(start, stop).copy()).float().div_(255)
 
     def close(self) -> None:
-        data, self._data = getattr(self, "_data", None), None
-        if data is not None:
-            del data
-        Path(self.path).unlink(missing_ok=True)
+        handle, self._file = getattr(self, "_file", None), None
+        if handle is not None:
+            handle.close()
+            Path(self.path).unlink(missing_ok=True)
 
     def __del__(self) -> None:
         try:

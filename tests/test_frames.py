@@ -1,4 +1,4 @@
-"""The memory-mapped frame store used for long videos."""
+"""The on-disk frame store used for long videos."""
 
 from __future__ import annotations
 
