@@ -36,20 +36,22 @@ def is_widget(spec: tuple) -> bool:
 
 
 def widget_slots(cls) -> list[str | None]:
-    """Names of the frontend's serialised widget values, in order (None = a UI-only extra value)."""
-    slots = []
+    """Names of the frontend's serialised widget values, in order (None = a UI-only extra value), as read off
+    frontend 1.35.9: a seed's control_after_generate follows it; upload widgets come after all other widgets
+    (image: the button, value "image"; audio: the player, null, and the button, "")."""
+    slots, extras = [], []
     for name, spec in _inputs(cls).items():
         if not is_widget(spec):
             continue
         opts = spec[1] if len(spec) > 1 else {}
         slots.append(name)
         if opts.get("control_after_generate"):
-            slots.append(None)  # "fixed" / "randomize"
+            slots.append(None)
         if opts.get("image_upload"):
-            slots.append(None)  # the upload button: "image"
+            extras.append(None)
         if opts.get("audio_upload"):
-            slots += [None, None]  # the audio player and upload widgets
-    return slots
+            extras += [None, None]
+    return slots + extras
 
 
 def ui_to_api(workflow: dict, mappings: dict) -> dict:

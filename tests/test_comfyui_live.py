@@ -132,6 +132,7 @@ def test_pack_loads_in_comfyui(comfyui):
     assert "Sonic/unet.pth" in json.dumps(json.loads(client.get("/object_info/SonicModelLoader")))
     ours = [line for line in (base / "comfyui.log").read_text().splitlines() if PACK in line]
     assert ours and not any("IMPORT FAILED" in line or "Cannot import" in line for line in ours), ours
+    assert f"/extensions/{PACK}/sonic_audio_upload.js" in json.loads(client.get("/extensions"))
     templates = json.loads(client.get("/workflow_templates"))
     assert sorted(templates[PACK]) == ["sonic_batch_api", "sonic_hq_1024", "sonic_long_audio", "sonic_quick_512"]
 

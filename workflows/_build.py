@@ -3,8 +3,8 @@ API-format twins (workflows/api/*.json, for the queue API and tests). Run after 
 
     python workflows/_build.py
 
-Each template is data: nodes with their widget values in the frontend's order (an image upload adds "image",
-an audio upload two nulls, a seed its control_after_generate mode) and links. tests/test_workflows.py checks
+Each template is data: nodes with their widget values in the frontend's order (a seed's control_after_generate
+mode follows it; upload widgets come last: an image upload adds "image", an audio upload null and "") and links. tests/test_workflows.py checks
 both files against the nodes' real definitions and executes every API twin.
 """
 
@@ -17,8 +17,8 @@ HERE = Path(__file__).resolve().parent
 
 # type: (input sockets [(name, type)], outputs [(name, type)], widget names in order (None = UI-only value))
 NODES = {
-    "SonicLoadImage": ([], [("image", "IMAGE"), ("mask", "MASK")], ["image", None, "path_or_url"]),
-    "SonicLoadAudio": ([], [("audio", "AUDIO")], ["audio", None, None, "trim_silence", "silence_db", "path_or_url"]),
+    "SonicLoadImage": ([], [("image", "IMAGE"), ("mask", "MASK")], ["image", "path_or_url", None]),
+    "SonicLoadAudio": ([], [("audio", "AUDIO")], ["audio", "trim_silence", "silence_db", "path_or_url", None, None]),
     "SonicModelLoader": ([("vae", "VAE"), ("clip_vision", "CLIP_VISION")], [("sonic_model", "SONIC_MODEL")],
                          ["sonic_unet", "dtype", "interpolation", "face_detector"]),
     "SonicPreData": ([("sonic_model", "SONIC_MODEL"), ("image", "IMAGE"), ("audio", "AUDIO")],
@@ -33,16 +33,20 @@ NODES = {
 }
 
 
+SIZES = {"SonicLoadImage": (340, 420), "SonicLoadAudio": (340, 250), "SonicModelLoader": (340, 220),
+         "SonicPreData": (340, 230), "SonicSampler": (340, 340), "SonicVideoEncode": (340, 340)}
+
+
 def template(title, note, *, min_resolution=512, steps=25, output="auto", crf=18, prefix="Sonic/sonic",
              seed_mode="randomize", use_frames=False):
     """The default graph: loaders -> model -> PreData -> sampler -> encoder (+ a note)."""
     nodes = [
-        (1, "SonicLoadImage", (40, 60), ["portrait.png", "image", ""]),
-        (2, "SonicLoadAudio", (40, 420), ["speech.wav", None, None, False, 40.0, ""]),
-        (3, "SonicModelLoader", (40, 640), ["Sonic/unet.pth", "auto", True, "auto"]),
+        (1, "SonicLoadImage", (40, 40), ["portrait.png", "", "image"]),
+        (2, "SonicLoadAudio", (40, 500), ["speech.wav", False, 40.0, "", None, ""]),
+        (3, "SonicModelLoader", (420, 40), ["Sonic/unet.pth", "auto", True, "auto"]),
         (4, "SonicPreData", (420, 300), [min_resolution, 0.0, False, 0.5, ""]),
-        (5, "SonicSampler", (800, 300), [72589, seed_mode, steps, 1.0, 1.0, 7.5, 2.0, 1.0, output]),
-        (6, "SonicVideoEncode", (1180, 300), [prefix, crf]),
+        (5, "SonicSampler", (800, 40), [72589, seed_mode, steps, 1.0, 1.0, 7.5, 2.0, 1.0, output]),
+        (6, "SonicVideoEncode", (1180, 40), [prefix, crf]),
     ]
     links = [(3, 0, 4, "sonic_model"), (1, 0, 4, "image"), (2, 0, 4, "audio"), (3, 0, 5, "sonic_model"),
              (4, 0, 5, "predata"), (5, 2, 6, "fps"), (5, 1, 6, "audio")]
@@ -100,14 +104,15 @@ def build(spec: dict) -> tuple[dict, dict]:
                 inputs[name] = [str(link[1]), link[2]]
         api[str(nid)] = {"class_type": ntype, "inputs": inputs, "_meta": {"title": ntype}}
         ui_nodes.append({
-            "id": nid, "type": ntype, "pos": list(pos), "size": [340, 200], "flags": {}, "order": order, "mode": 0,
+            "id": nid, "type": ntype, "pos": list(pos), "size": list(SIZES[ntype]), "flags": {}, "order": order,
+            "mode": 0,
             "inputs": [{"name": n, "type": t, "link": link_ids.get((nid, n))} for n, t in sockets],
             "outputs": [{"name": n, "type": t, "slot_index": i,
                          "links": [link[0] for link in ui_links if link[1] == nid and link[2] == i] or None}
                         for i, (n, t) in enumerate(outputs)],
             "properties": {"Node name for S&R": ntype}, "widgets_values": values,
         })
-    ui_nodes.append({"id": 99, "type": "Note", "pos": [420, 620], "size": [720, 260], "flags": {}, "order": len(ui_nodes),
+    ui_nodes.append({"id": 99, "type": "Note", "pos": [800, 420], "size": [720, 300], "flags": {}, "order": len(ui_nodes),
                      "mode": 0, "inputs": [], "outputs": [], "properties": {}, "title": "How to use",
                      "widgets_values": [spec["note"]]})
     ui = {"last_node_id": 99, "last_link_id": len(ui_links), "nodes": ui_nodes, "links": ui_links, "groups": [],
