@@ -184,3 +184,32 @@ def test_interrupt_cancels_the_sampler(comfyui):
     outcome, history = client.run(prompt, on_progress=interrupt_once)
     assert sent and outcome == "execution_interrupted"
     assert json.loads(client.get("/system_stats"))  # ComfyUI keeps running
+
+
+def test_sampler_outputs_feed_core_create_and_save_video(comfyui, tiny_dir):
+    """IMAGE + AUDIO + fps from Sonic Sampler -> ComfyUI's own CreateVideo -> SaveVideo."""
+    import av
+
+    client, base = comfyui
+    prompt = json.loads((ROOT / "workflows" / "api" / "sonic_quick_512.json").read_text())
+    for node in prompt.values():
+        node["inputs"].update(FAST.get(node["class_type"], {}))
+        if node["class_type"] == "SonicLoadImage":
+            node["inputs"]["image"] = client.upload(tiny_dir / "inputs" / "portrait.png")
+        if node["class_type"] == "SonicLoadAudio":
+            node["inputs"]["audio"] = client.upload(tiny_dir / "inputs" / "speech.wav")
+        if node["class_type"] == "SonicSampler":
+            node["inputs"]["seed"] = 4242
+    del prompt["6"]  # our encoder, replaced by the core nodes
+    prompt["7"] = {"class_type": "CreateVideo", "inputs": {"images": ["5", 0], "fps": ["5", 2], "audio": ["5", 1]}}
+    prompt["8"] = {"class_type": "SaveVideo", "inputs": {"video": ["7", 0], "filename_prefix": "core/sonic",
+                                                         "format": "mp4", "codec": "h264"}}
+    outcome, history = client.run(prompt)
+    assert outcome == "success", json.dumps(history.get("status"), indent=1)[-3000:]
+    entry = history["outputs"]["8"]["images"][0]
+    video = base / "core.mp4"
+    video.write_bytes(client.get(f"/view?filename={entry['filename']}&subfolder={entry['subfolder']}&type=output"))
+    with av.open(str(video)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 23
+        assert container.streams.video[0].average_rate == 25
+        assert len(container.streams.audio) == 1

@@ -267,3 +267,19 @@ def test_comfyui_vae_and_clip_vision_give_the_official_conditioning(comfy_env):
         torch.testing.assert_close(b.image_latents, a.image_latents, rtol=1e-5, atol=1e-6)
         z = a.image_latents.expand(3, -1, -1, -1)
         torch.testing.assert_close(external.models.vae.decode(z), native.models.vae.decode(z), rtol=1e-5, atol=1e-6)
+
+
+def test_sonic_model_folder_merges_with_user_paths(comfy_env, tmp_path):
+    """A `sonic:` path from extra_model_paths.yaml stays first; models/sonic is added after it."""
+    import folder_paths
+
+    from comfy_harness import load_pack  # noqa: F401
+
+    saved = folder_paths.folder_names_and_paths.pop("sonic")
+    try:
+        folder_paths.folder_names_and_paths["sonic"] = ([str(tmp_path)], set())
+        comfy_env["pack"].nodes.comfy.register_model_folder()
+        paths = folder_paths.get_folder_paths("sonic")
+        assert paths[0] == str(tmp_path) and paths[1].endswith("models/sonic")
+    finally:
+        folder_paths.folder_names_and_paths["sonic"] = saved
