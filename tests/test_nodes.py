@@ -283,3 +283,25 @@ def test_sonic_model_folder_merges_with_user_paths(comfy_env, tmp_path):
         assert paths[0] == str(tmp_path) and paths[1].endswith("models/sonic")
     finally:
         folder_paths.folder_names_and_paths["sonic"] = saved
+
+
+def test_loaders_fetch_http_urls(comfy_env, tiny_dir):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tiny_dir / "inputs"))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        image, mask = _node(comfy_env, "SonicLoadImage").load("", path_or_url=f"{url}/portrait.png")
+        assert image.shape == (1, 256, 144, 3)
+        audio = _node(comfy_env, "SonicLoadAudio").load("", path_or_url=f"{url}/speech.wav")[0]
+        assert audio["sample_rate"] == 16000 and audio["waveform"].shape == (1, 1, 73600)
+        with pytest.raises(ValueError, match="could not download"):
+            _node(comfy_env, "SonicLoadImage").load("", path_or_url=f"{url}/missing.png")
+    finally:
+        server.shutdown()
+    assert comfy_env["mappings"]["SonicLoadImage"].IS_CHANGED("", f"{url}/portrait.png") == f"{url}/portrait.png"
