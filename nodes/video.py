@@ -11,8 +11,30 @@ CHUNK = 32  # frames per write
 
 
 def _image_chunks(images):
+    import torch
+
     for start in range(0, images.shape[0], CHUNK):
-        yield (images[start : start + CHUNK, :, :, :3].float().clamp(0, 1) * 255).round().byte().cpu().numpy()
+        chunk = images[start : start + CHUNK, :, :, :3].float()
+        if not torch.isfinite(chunk).all():
+            raise ValueError(f"frames {start}..{start + chunk.shape[0] - 1} contain NaN or infinite values; "
+                             "the upstream node produced broken images")
+        yield (chunk.clamp(0, 1) * 255).round().byte().cpu().numpy()
+
+
+def generation_metadata(prompt, extra_pnginfo) -> dict[str, str]:
+    """ComfyUI's prompt and workflow (dropping the MP4 on ComfyUI restores the graph) and the Sonic settings."""
+    import json
+
+    meta = {}
+    if prompt:
+        meta["prompt"] = json.dumps(prompt)
+        sonic = {node["class_type"]: {k: v for k, v in node.get("inputs", {}).items() if not isinstance(v, list)}
+                 for node in prompt.values() if str(node.get("class_type", "")).startswith("Sonic")}
+        if sonic:
+            meta["sonic_parameters"] = json.dumps(sonic)
+    for key, value in (extra_pnginfo or {}).items():
+        meta[key] = json.dumps(value)
+    return meta
 
 
 def _audio_arg(audio):
@@ -43,14 +65,23 @@ class SonicVideoEncode:
                                     "Name (and subfolder) in the output folder; a counter is appended."}),
                 "crf": ("INT", {"default": 18, "min": 0, "max": 51, "tooltip": "H.264 quality: lower is better."}),
             },
-            "optional": {
+            "optional": {  # added after 0.1 as optional, so saved workflows keep validating
+                "preset": (["ultrafast", "veryfast", "fast", "medium", "slow", "veryslow"], {"default": "medium",
+                           "tooltip": "x264 speed/size trade-off: slower presets give smaller files at the same quality."}),
+                "audio_policy": (["match", "shortest", "keep"], {"default": "match", "tooltip":
+                                 "match: cut or pad the audio with silence to the video's length. shortest: only cut. "
+                                 "keep: keep all the audio, holding the last frame if it is longer."}),
+                "watermark": ("STRING", {"default": "", "tooltip":
+                              "Optional visible text in the bottom-left corner (e.g. 'AI-generated')."}),
                 "images": ("IMAGE", {"tooltip": "Frames as an IMAGE batch (used when no frames file is connected)."}),
                 "frames": ("SONIC_FRAMES", {"tooltip": "The sampler's frames file (long videos); preferred."}),
-                "audio": ("AUDIO", {"tooltip": "Sound track; cut to the video's length."}),
+                "audio": ("AUDIO", {"tooltip": "Sound track (see audio_policy)."}),
             },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
-    def encode(self, fps, filename_prefix="Sonic/sonic", crf=18, images=None, frames=None, audio=None):
+    def encode(self, fps, filename_prefix="Sonic/sonic", crf=18, preset="medium", audio_policy="match", watermark="",
+               images=None, frames=None, audio=None, prompt=None, extra_pnginfo=None):
         from ..sonic.video_io import write_mp4
 
         if frames is not None:
@@ -76,6 +107,7 @@ class SonicVideoEncode:
                 yield chunk
 
         path = write_mp4(os.path.join(folder, filename), checked(chunks), fps, width, height, count,
-                         audio=_audio_arg(audio), crf=crf)
+                         audio=_audio_arg(audio), crf=crf, preset=preset, audio_policy=audio_policy,
+                         metadata=generation_metadata(prompt, extra_pnginfo), watermark=watermark.strip() or None)
         ui = {"images": [{"filename": filename, "subfolder": subfolder, "type": "output"}], "animated": [True]}
         return {"ui": ui, "result": (str(path),)}

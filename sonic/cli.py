@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     gen.add_argument("--face-detector", default="auto", choices=["auto", "yolo", "dlib"])
     gen.add_argument("--crf", type=int, default=18, help="H.264 quality (lower = better)")
+    gen.add_argument("--preset", default="medium", help="x264 preset (ultrafast ... veryslow)")
+    gen.add_argument("--audio-policy", default="match", choices=["match", "shortest", "keep"],
+                     help="fit the sound track to the video: match (cut/pad), shortest (cut), keep (hold last frame)")
+    gen.add_argument("--watermark", default=None, help="visible text in the bottom-left corner")
     gen.add_argument("--noise", type=Path, help="safetensors file with 'noise.latents' [1, F, 4, h, w]")
     gen.add_argument("--dump", type=Path, help="write final_latents / video_before_interp / video_final here")
 
@@ -121,7 +126,10 @@ def generate(args: argparse.Namespace) -> Path:
                 yield pipeline.to_uint8_frames(chunk).numpy()
 
     width, height = cond.size
-    write_mp4(args.out, frames(), fps, width, height, out_frames, audio=args.audio, crf=args.crf)
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "noise", "dump")}
+    metadata = {"sonic_parameters": json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in settings.items()})}
+    write_mp4(args.out, frames(), fps, width, height, out_frames, audio=args.audio, crf=args.crf, preset=args.preset,
+              audio_policy=args.audio_policy, metadata=metadata, watermark=args.watermark)
     if args.dump:
         from safetensors.torch import save_file
 

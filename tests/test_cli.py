@@ -53,6 +53,9 @@ def test_generate_writes_a_playable_mp4_with_detection_and_interpolation(tiny_di
     data = out.read_bytes()
     assert data.index(b"moov") < data.index(b"mdat")  # +faststart: plays while downloading
     assert not [p for p in tmp_path.iterdir() if p.name != "talk.mp4"]  # no temporary leftovers
+    with av.open(str(out)) as container:
+        params = __import__("json").loads(container.metadata["sonic_parameters"])
+        assert params["steps"] == 1 and params["seed"] == 72589 and container.metadata["ai_generated"] == "true"
 
 
 def test_generate_without_interpolation_and_shorter_duration(tiny_dir, tmp_path):

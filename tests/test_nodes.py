@@ -106,6 +106,7 @@ def test_same_portrait_with_new_audio_reuses_the_face_analysis(comfy_env, monkey
     model = _model(comfy_env)
     image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
     audio = _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
+    comfy_env["pack"].nodes.sampling._FACE_CACHE.clear()  # earlier tests may have analysed this portrait
     calls = []
     detector = model.models.face_detector
     original = detector.detect
@@ -305,3 +306,31 @@ def test_loaders_fetch_http_urls(comfy_env, tiny_dir):
     finally:
         server.shutdown()
     assert comfy_env["mappings"]["SonicLoadImage"].IS_CHANGED("", f"{url}/portrait.png") == f"{url}/portrait.png"
+
+
+def test_video_encode_metadata_and_bad_frames(comfy_env):
+    import json
+
+    import av
+
+    node = _node(comfy_env, "SonicVideoEncode")
+    frames = torch.rand(5, 33, 47, 3)  # odd size
+    prompt = {"5": {"class_type": "SonicSampler", "inputs": {"seed": 9, "steps": 3, "predata": ["4", 0]}}}
+    workflow = {"nodes": [{"id": 5, "type": "SonicSampler"}], "links": []}
+    out = node.encode(12.5, filename_prefix="meta/clip", images=frames, watermark="AI-generated",
+                      prompt=prompt, extra_pnginfo={"workflow": workflow})
+    with av.open(out["result"][0]) as container:
+        assert json.loads(container.metadata["workflow"]) == workflow
+        assert json.loads(container.metadata["prompt"]) == prompt
+        assert json.loads(container.metadata["sonic_parameters"]) == {"SonicSampler": {"seed": 9, "steps": 3}}
+        assert container.streams.video[0].average_rate == 12.5
+        assert (container.streams.video[0].codec_context.width, container.streams.video[0].codec_context.height) == (48, 34)
+    broken = frames.clone()
+    broken[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        node.encode(25.0, filename_prefix="meta/broken", images=broken)
+    with pytest.raises(ValueError, match="no frames"):
+        node.encode(25.0, images=torch.zeros(0, 32, 32, 3))
+    with pytest.raises(ValueError, match="empty"):
+        node.encode(25.0, images=frames, audio={"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000})
+    assert sorted(p.name for p in (comfy_env["base"] / "output" / "meta").iterdir()) == ["clip_00001_.mp4"]

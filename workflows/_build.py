@@ -29,7 +29,7 @@ NODES = {
                      ["seed", None, "steps", "dynamic_scale", "motion_scale", "audio_guidance", "appearance_guidance",
                       "ip_audio_scale", "output"]),
     "SonicVideoEncode": ([("fps", "FLOAT"), ("images", "IMAGE"), ("frames", "SONIC_FRAMES"), ("audio", "AUDIO")],
-                         [("path", "STRING")], ["filename_prefix", "crf"]),
+                         [("path", "STRING")], ["filename_prefix", "crf", "preset", "audio_policy", "watermark"]),
 }
 
 
@@ -46,7 +46,7 @@ def template(title, note, *, min_resolution=512, steps=25, output="auto", crf=18
         (3, "SonicModelLoader", (420, 40), ["Sonic/unet.pth", "auto", True, "auto"]),
         (4, "SonicPreData", (420, 300), [min_resolution, 0.0, False, 0.5, ""]),
         (5, "SonicSampler", (800, 40), [72589, seed_mode, steps, 1.0, 1.0, 7.5, 2.0, 1.0, output]),
-        (6, "SonicVideoEncode", (1180, 40), [prefix, crf]),
+        (6, "SonicVideoEncode", (1180, 40), [prefix, crf, "medium", "match", ""]),
     ]
     links = [(3, 0, 4, "sonic_model"), (1, 0, 4, "image"), (2, 0, 4, "audio"), (3, 0, 5, "sonic_model"),
              (4, 0, 5, "predata"), (5, 2, 6, "fps"), (5, 1, 6, "audio")]
