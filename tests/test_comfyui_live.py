@@ -58,14 +58,17 @@ class Client:
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())["name"]
 
-    def run(self, prompt: dict, on_progress=None, timeout: float = 600) -> tuple[str, dict]:
+    def run(self, prompt: dict, on_progress=None, timeout: float = 600, workflow: dict | None = None) -> tuple[str, dict]:
         """Queue a prompt and follow it on the websocket until it ends -> (outcome, history entry)."""
         import websocket
 
         ws = websocket.create_connection(f"ws://{self.url.split('://')[1]}/ws?clientId={self.client_id}", timeout=timeout)
         try:
             prompt_id = uuid.uuid4().hex
-            reply = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id})
+            body = {"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id}
+            if workflow is not None:  # what the frontend sends: the UI graph, stored in the output's metadata
+                body["extra_data"] = {"extra_pnginfo": {"workflow": workflow}}
+            reply = self.post("/prompt", body)
             assert not reply.get("node_errors"), reply
             deadline = time.time() + timeout
             while time.time() < deadline:
@@ -154,7 +157,8 @@ def test_api_workflow_over_http(comfyui, tiny_dir, name):
         if node["class_type"] == "SonicSampler":  # a new seed per job, or ComfyUI reuses the cached result
             node["inputs"]["seed"] = sum(map(ord, name))
     progress = []
-    outcome, history = client.run(prompt, on_progress=progress.append)
+    workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    outcome, history = client.run(prompt, on_progress=progress.append, workflow=workflow)
     assert outcome == "success", json.dumps(history.get("status"), indent=1)[-3000:]
     encoder = next(k for k, v in prompt.items() if v["class_type"] == "SonicVideoEncode")
     entry = history["outputs"][encoder]["images"][0]
@@ -165,6 +169,8 @@ def test_api_workflow_over_http(comfyui, tiny_dir, name):
     with av.open(str(video)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 23
         assert container.streams.audio[0].codec_context.name == "aac"
+        assert json.loads(container.metadata["prompt"]).keys() == prompt.keys()
+        assert json.loads(container.metadata["workflow"]) == workflow  # dropping the MP4 restores the graph
     assert progress, "no progress messages were sent"
 
 
