@@ -85,6 +85,12 @@ def _model(comfy_env):
     return _node(comfy_env, "SonicModelLoader").load("Sonic/unet.pth", dtype="fp32")[0]
 
 
+def _inputs(comfy_env):
+    """(SONIC_MODEL, IMAGE, AUDIO) from the loader nodes, on the reference portrait and speech."""
+    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
+    return _model(comfy_env), image, _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
+
+
 def test_model_loader_caches_and_manages_memory(comfy_env):
     import comfy.model_management as mm
 
@@ -103,9 +109,7 @@ def test_model_loader_caches_and_manages_memory(comfy_env):
 def test_same_portrait_with_new_audio_reuses_the_face_analysis(comfy_env, monkeypatch):
     from comfy_harness import load_pack  # noqa: F401  (pack already loaded by the fixture)
 
-    model = _model(comfy_env)
-    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
-    audio = _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
+    model, image, audio = _inputs(comfy_env)
     comfy_env["pack"].nodes.sampling._FACE_CACHE.clear()  # earlier tests may have analysed this portrait
     calls = []
     detector = model.models.face_detector
@@ -121,9 +125,7 @@ def test_same_portrait_with_new_audio_reuses_the_face_analysis(comfy_env, monkey
 
 
 def test_predata_errors_are_actionable(comfy_env):
-    model = _model(comfy_env)
-    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
-    audio = _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
+    model, image, audio = _inputs(comfy_env)
     node = _node(comfy_env, "SonicPreData")
     with pytest.raises(ValueError, match="longer than the audio"):
         node.prepare(model, image, audio, duration=30.0)
@@ -176,9 +178,7 @@ def test_cancel_is_honoured_within_one_step(comfy_env):
     import comfy.model_management as mm
     import comfy.utils
 
-    model = _model(comfy_env)
-    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
-    audio = _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
+    model, image, audio = _inputs(comfy_env)
     predata = _node(comfy_env, "SonicPreData").prepare(model, image, audio, min_resolution=128, duration=1.0,
                                                       face_box="37,37,76,76")[0]
     comfy.utils.UPDATES.clear()
@@ -202,9 +202,7 @@ def test_cancel_is_honoured_within_one_step(comfy_env):
 
 
 def test_frames_file_mode_for_long_videos(comfy_env):
-    model = _model(comfy_env)
-    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
-    audio = _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
+    model, image, audio = _inputs(comfy_env)
     predata = _node(comfy_env, "SonicPreData").prepare(model, image, audio, min_resolution=128, duration=1.0,
                                                       face_box="37,37,76,76")[0]
     images, audio_out, fps, frames = _node(comfy_env, "SonicSampler").sample(model, predata, seed=1, steps=1,
