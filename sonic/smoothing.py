@@ -111,3 +111,20 @@ def shift_frames(chunks: Iterable[np.ndarray], shifts: np.ndarray) -> Iterator[n
 def smoothing_shifts(trajectory: np.ndarray, alpha: float) -> np.ndarray:
     """Per-frame (dx, dy) that moves each frame from its raw to its smoothed position."""
     return zero_phase_ema(trajectory, alpha) - trajectory
+
+
+def smooth_video(read_chunks, height: int, width: int, alpha: float = 0.3, region: str = "frame",
+                 face_box=None) -> Iterator[np.ndarray]:
+    """Smoothed uint8 chunks of a video given as `read_chunks()` (a callable returning a fresh iterator of uint8
+    [n, H, W, 3] chunks; it is read twice: once to measure the motion, once to shift the frames)."""
+    weights = region_weights(height, width, region, face_box)
+    trajectory = estimate_trajectory(read_chunks(), weights)
+    return shift_frames(read_chunks(), smoothing_shifts(trajectory, alpha))
+
+
+def mask_box(mask: np.ndarray, threshold: float = 0.5):
+    """(x, y, w, h) of the region where a [H, W] mask exceeds `threshold`, or None."""
+    ys, xs = np.nonzero(mask > threshold)
+    if len(xs) == 0:
+        return None
+    return (float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1))

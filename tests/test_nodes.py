@@ -7,7 +7,8 @@ import torch
 
 from comfy_harness import ValidationError, execute_prompt, validate_prompt
 
-NODE_IDS = ["SonicLoadImage", "SonicLoadAudio", "SonicModelLoader", "SonicPreData", "SonicSampler", "SonicVideoEncode"]
+NODE_IDS = ["SonicLoadImage", "SonicLoadAudio", "SonicModelLoader", "SonicPreData", "SonicSampler", "SonicSmoothMotion",
+            "SonicVideoEncode"]
 
 
 def test_every_node_has_a_complete_contract(comfy_env):
@@ -332,3 +333,37 @@ def test_video_encode_metadata_and_bad_frames(comfy_env):
     with pytest.raises(ValueError, match="empty"):
         node.encode(25.0, images=frames, audio={"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000})
     assert sorted(p.name for p in (comfy_env["base"] / "output" / "meta").iterdir()) == ["clip_00001_.mp4"]
+
+
+def test_smooth_motion_node_on_images_and_frames_file(comfy_env):
+    import cv2
+    import numpy as np
+    from skimage import data
+
+    from sonic.smoothing import estimate_trajectory, region_weights
+
+    photo = data.astronaut()
+    jitter = np.stack([1.5 * (-1.0) ** np.arange(40), np.zeros(40)], axis=1)
+    clip = np.stack([cv2.warpAffine(photo, np.float32([[1, 0, dx], [0, 1, dy]]), (512, 512),
+                                    borderMode=cv2.BORDER_REFLECT)[64:320, 128:384] for dx, dy in jitter])
+    images = torch.from_numpy(clip).float() / 255
+    node = _node(comfy_env, "SonicSmoothMotion")
+    smoothed, handle = node.smooth(alpha=0.2, region="face", images=images, face_box="40,0,120,160")
+    weights = region_weights(256, 256, "frame")
+
+    def jitter_px(frames_u8):
+        return float(np.abs(np.diff(estimate_trajectory([frames_u8], weights)[:, 0])).mean())
+
+    before = jitter_px(clip)
+    after = jitter_px((smoothed.numpy() * 255).round().astype(np.uint8))
+    assert before > 2.5 and after < before / 4
+    # the same clip through a frames file (the long-video path) gives the same frames, chunk by chunk
+    pack = comfy_env["pack"]
+    store = pack.sonic.frames.FrameStore(256, 256, 40, 25.0, folder=comfy_env["base"] / "temp")
+    store.append(clip)
+    frames = pack.nodes.sampling.SonicFrames(store=store, audio=None, fps=25.0)
+    preview, from_file = node.smooth(alpha=0.2, region="face", frames=frames, face_box="40,0,120,160")
+    assert preview.shape[0] == 1 and len(from_file.store) == 40
+    np.testing.assert_array_equal(from_file.store.uint8(), handle.store.uint8())
+    with pytest.raises(ValueError, match="needs the face"):
+        node.smooth(region="face", images=images)
