@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from . import comfy
 from .sampling import SonicFrames, parse_face_box
-
-CHUNK = 32
+from .video import CHUNK, image_chunks
 
 
 class SonicSmoothMotion:
@@ -53,8 +52,7 @@ class SonicSmoothMotion:
             read = lambda: store.chunks(CHUNK)  # noqa: E731
         elif images is not None:
             count, height, width = images.shape[0], images.shape[1], images.shape[2]
-            read = lambda: ((images[i : i + CHUNK, :, :, :3].clamp(0, 1) * 255).round().byte().cpu().numpy()  # noqa: E731
-                            for i in range(0, count, CHUNK))
+            read = lambda: image_chunks(images)  # noqa: E731
         else:
             raise ValueError("connect images or frames (from Sonic Sampler) to Sonic Smooth Motion")
         if count == 0:

@@ -109,12 +109,13 @@ class SonicPreDataNode:
 
     def prepare(self, sonic_model, image, audio, min_resolution=512, duration=0.0, crop=False, expand_ratio=0.5,
                 face_box=""):
+        from ..sonic.audio import SAMPLE_RATE
         from ..sonic.params import PrepareOptions
         from ..sonic.pipeline import load_speech, locate_face, prepare
 
         options = PrepareOptions(min_resolution=min_resolution, crop=crop, expand_ratio=expand_ratio,
                                  face_box=parse_face_box(face_box), duration=duration or None)
-        load_speech(audio, options.duration)  # cheap checks first (empty, too short, duration > audio)
+        speech = load_speech(audio, options.duration)  # checks first (empty, too short, duration > audio)
         pil = image_to_pil(image)
         models = sonic_model.models
         detector = getattr(models.face_detector, "name", "none")
@@ -129,7 +130,7 @@ class SonicPreDataNode:
             _FACE_CACHE.move_to_end(key)
         comfy.check_interrupt()
         sonic_model.load("audio", "image")
-        cond = prepare(models, pil, audio, options, located=located)
+        cond = prepare(models, pil, (speech, SAMPLE_RATE), options, located=located)
         seconds = len(cond.audio_samples) / 16000
         return (SonicPreData(cond=cond, audio=trim_audio(audio, seconds)),)
 

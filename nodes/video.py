@@ -10,7 +10,8 @@ from . import comfy
 CHUNK = 32  # frames per write
 
 
-def _image_chunks(images):
+def image_chunks(images):
+    """An IMAGE batch [N, H, W, C] -> uint8 [n, H, W, 3] numpy chunks (NaN/inf frames are an error)."""
     import torch
 
     for start in range(0, images.shape[0], CHUNK):
@@ -90,7 +91,7 @@ class SonicVideoEncode:
             audio = audio if audio is not None else frames.audio
         elif images is not None:
             count, height, width = images.shape[0], images.shape[1], images.shape[2]
-            chunks = _image_chunks(images)
+            chunks = image_chunks(images)
         else:
             raise ValueError("connect images or frames (from Sonic Sampler) to Sonic Video Encode")
         if count == 0:

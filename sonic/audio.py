@@ -22,7 +22,6 @@ GENERATED_FPS = 25 / FRAME_STEP
 TOKEN_PAD = (4, 6)  # zero padding of the stacked-states stream, in Whisper frames
 BUCKET_PAD = (24, 26)  # zero padding of the last-state stream
 WHISPER_STRIDE = 2 * FRAME_STEP  # Whisper frames (50 Hz) per generated frame
-AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus", ".webm", ".mp4")
 
 
 def _read_with_soundfile(path: Path) -> tuple[np.ndarray, int] | None:
