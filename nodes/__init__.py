@@ -6,7 +6,7 @@ Importing this module is cheap (no torch): heavy imports happen inside the node 
 from .comfy import register_model_folder
 from .loaders import SonicLoadAudio, SonicLoadImage
 from .model import SonicModelLoader
-from .postprocess import SonicSmoothMotion
+from .postprocess import SonicLipSyncCalibrate, SonicSmoothMotion
 from .sampling import SonicPreDataNode, SonicSamplerNode
 from .video import SonicVideoEncode
 
@@ -18,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "SonicModelLoader": SonicModelLoader,
     "SonicPreData": SonicPreDataNode,
     "SonicSampler": SonicSamplerNode,
+    "SonicLipSyncCalibrate": SonicLipSyncCalibrate,
     "SonicSmoothMotion": SonicSmoothMotion,
     "SonicVideoEncode": SonicVideoEncode,
 }
@@ -28,6 +29,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SonicModelLoader": "Sonic Model Loader",
     "SonicPreData": "Sonic PreData",
     "SonicSampler": "Sonic Sampler",
+    "SonicLipSyncCalibrate": "Sonic Lip-Sync Calibrate",
     "SonicSmoothMotion": "Sonic Smooth Motion",
     "SonicVideoEncode": "Sonic Video Encode",
 }

@@ -39,11 +39,9 @@ class SonicSmoothMotion:
         import torch
 
         from ..sonic.frames import FrameStore
-        from ..sonic.smoothing import mask_box, smooth_video
+        from ..sonic.smoothing import smooth_video
 
-        box = parse_face_box(face_box)
-        if box is None and predata is not None:
-            box = mask_box(predata.cond.face_mask[0, 0].numpy())  # the face mask is in video pixels
+        box = face_box_in_video(face_box, predata)
         if region != "frame" and box is None:
             raise ValueError(f"region '{region}' needs the face: connect predata or give face_box, or use region 'frame'")
         if frames is not None:
@@ -69,3 +67,130 @@ class SonicSmoothMotion:
         result = out.images() if frames is None else out.images(0, 1)
         handle = SonicFrames(store=out, audio=frames.audio if frames is not None else None, fps=fps)
         return (result.to(intermediate, torch.float32), handle)
+
+
+def face_box_in_video(face_box: str, predata):
+    """(x, y, w, h) in video pixels: the face_box text, else the face box behind predata's face mask, else None."""
+    box = parse_face_box(face_box)
+    if box is None and predata is not None:
+        from ..sonic.image import MASK_AREA
+        from ..sonic.smoothing import mask_box
+
+        mask = mask_box(predata.cond.face_mask[0, 0].numpy())  # the face mask: the face box x MASK_AREA, video pixels
+        if mask is not None:
+            x, y, w, h = mask
+            box = (x + w * (1 - 1 / MASK_AREA) / 2, y + h * (1 - 1 / MASK_AREA) / 2, w / MASK_AREA, h / MASK_AREA)
+    return box
+
+
+class SonicLipSyncCalibrate:
+    DESCRIPTION = ("Measure how far the mouth runs behind or ahead of the voice (mouth region against the audio "
+                   "envelope, no sync model) and correct it by shifting the audio; frames are never dropped or "
+                   "duplicated. Positive offset = the picture is late, fixed by delaying the audio.")
+    CATEGORY = "Sonic"
+    RETURN_TYPES = ("IMAGE", "SONIC_FRAMES", "AUDIO", "FLOAT", "FLOAT")
+    RETURN_NAMES = ("images", "frames", "audio", "offset", "confidence")
+    OUTPUT_TOOLTIPS = (
+        "The frames, unchanged (one preview frame when a frames file came in).",
+        "The frames file with the corrected audio attached (when a frames file came in).",
+        "The corrected audio (delayed or advanced by the applied offset).",
+        "Measured offset in seconds: positive = the mouth moves after the sound (0 in manual mode).",
+        "Confidence of the measurement: the peak correlation of mouth and audio (0 in manual mode).",
+    )
+    FUNCTION = "calibrate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..sonic import lipsync
+
+        return {
+            "required": {
+                "mode": (list(lipsync.MODES), {"default": "auto+manual", "tooltip":
+                         "auto: measure and correct. manual: only apply lip_sync_offset. auto+manual: both added."}),
+                "lip_sync_offset": ("FLOAT", {"default": 0.0, "min": -2.0, "max": 2.0, "step": 0.005, "tooltip":
+                                    "Extra audio delay in seconds (e.g. +0.03 to make up for a playback chain that "
+                                    "shows the picture 30 ms late). Positive = audio later."}),
+                "search_range": ("FLOAT", {"default": lipsync.DEFAULT_SEARCH_S, "min": 0.05, "max": 2.0,
+                                 "step": 0.05, "tooltip": "Largest offset searched, in seconds either way."}),
+                "tolerance": ("FLOAT", {"default": lipsync.DEFAULT_TOLERANCE_S, "min": 0.0, "max": 0.5,
+                              "step": 0.005, "tooltip": "Measured offsets this small (seconds) are left alone."}),
+                "min_confidence": ("FLOAT", {"default": lipsync.DEFAULT_MIN_CONFIDENCE, "min": 0.0, "max": 1.0,
+                                   "step": 0.05, "tooltip": "Below this confidence the measurement is not applied "
+                                   "(a warning is logged)."}),
+                "fps": ("FLOAT", {"default": 25.0, "min": 1.0, "max": 240.0, "step": 0.001, "tooltip":
+                        "Frame rate of the images (connect the sampler's fps); a frames file brings its own."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Frames as an IMAGE batch (used when no frames file is connected)."}),
+                "frames": ("SONIC_FRAMES", {"tooltip": "The sampler's frames file (long videos); preferred."}),
+                "audio": ("AUDIO", {"tooltip": "The sound track to align (default: the frames file's audio)."}),
+                "predata": ("SONIC_PREDATA", {"tooltip": "Supplies the face box (where the mouth is)."}),
+                "face_box": ("STRING", {"default": "", "tooltip": "Face box x,y,w,h in video pixels (overrides "
+                             "predata); empty = from predata, else detected on the first frame."}),
+            },
+        }
+
+    def calibrate(self, mode="auto+manual", lip_sync_offset=0.0, search_range=0.4, tolerance=0.01, min_confidence=0.4,
+                  fps=25.0, images=None, frames=None, audio=None, predata=None, face_box=""):
+        import logging
+
+        import torch
+
+        from ..sonic import lipsync
+
+        if frames is not None:
+            store, fps = frames.store, frames.fps
+            count = len(store)
+            first = lambda: store.uint8(0, 1)[0]  # noqa: E731
+            read = lambda: store.chunks(CHUNK)  # noqa: E731
+        elif images is not None:
+            count = images.shape[0]
+            first = lambda: next(image_chunks(images[:1]))[0]  # noqa: E731
+            read = lambda: image_chunks(images)  # noqa: E731
+        else:
+            raise ValueError("connect images or frames (from Sonic Sampler) to Sonic Lip-Sync Calibrate")
+        audio = audio if audio is not None else (frames.audio if frames is not None else None)
+        if audio is None:
+            raise ValueError("connect the audio to align (Sonic Sampler's audio output) to Sonic Lip-Sync Calibrate")
+        waveform = audio["waveform"]
+        if waveform.ndim != 3 or waveform.shape[-1] == 0:
+            raise ValueError(f"the audio is empty or not [batch, channels, samples] (shape {tuple(waveform.shape)})")
+        if count == 0:
+            raise ValueError("there are no frames to calibrate (empty batch)")
+        rate = int(audio["sample_rate"])
+
+        box = None
+        if mode != "manual":
+            box = face_box_in_video(face_box, predata)
+            if box is None:
+                from ..sonic.face import DlibFaceDetector, largest_face
+
+                box = largest_face(DlibFaceDetector(), first())[:4]
+        bar = comfy.progress_bar(count)
+
+        def watched(chunks):
+            for chunk in chunks:
+                comfy.check_interrupt()
+                yield chunk
+                bar.update(chunk.shape[0])
+
+        correction, shifted = lipsync.calibrate(
+            watched(read()) if mode != "manual" else None, fps, waveform[0].float().cpu().numpy(), rate, box,
+            mode=mode, manual_s=lip_sync_offset, search_s=search_range, tolerance_s=tolerance,
+            min_confidence=min_confidence)
+        log = logging.getLogger("sonic")
+        measured = correction.measured
+        if measured is not None and not correction.applied_auto and measured.confidence < min_confidence:
+            log.warning("Sonic Lip-Sync Calibrate: %s", correction.message)
+        else:
+            log.info("Sonic Lip-Sync Calibrate: %s", correction.message)
+        corrected = {"waveform": torch.from_numpy(shifted)[None].to(waveform.dtype), "sample_rate": rate}
+        _, _, intermediate = comfy.devices()
+        if frames is not None:
+            preview = store.images(0, 1).to(intermediate, torch.float32)
+            handle = SonicFrames(store=store, audio=corrected, fps=fps)
+        else:
+            preview, handle = images, None
+        offset = float(measured.offset_s) if measured is not None else 0.0
+        confidence = float(measured.confidence) if measured is not None else 0.0
+        return (preview, handle, corrected, offset, confidence)

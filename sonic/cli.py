@@ -1,8 +1,9 @@
-"""Command line: `python -m sonic generate ...` and `python -m sonic convert ...`."""
+"""Command line: `python -m sonic generate|lipsync|convert ...`."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -61,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--watermark", default=None, help="visible text in the bottom-left corner")
     gen.add_argument("--noise", type=Path, help="safetensors file with 'noise.latents' [1, F, 4, h, w]")
     gen.add_argument("--dump", type=Path, help="write final_latents / video_before_interp / video_final here")
+
+    sync = sub.add_parser("lipsync", help="measure a video's lip-sync offset; prints one JSON line")
+    sync.add_argument("--video", required=True, type=Path, help="the talking-head video (MP4, MOV, MKV, WebM)")
+    sync.add_argument("--audio", type=Path, help="sound track to measure against (default: the video's own)")
+    sync.add_argument("--face-box", type=_face_box, help="X,Y,W,H of the face in video pixels (default: detected "
+                      "on the first frame with dlib)")
+    sync.add_argument("--search-range", type=float, default=0.4, help="largest offset searched, seconds either way")
+    sync.add_argument("--no-track", action="store_true", help="do not follow head motion (fixed mouth region)")
 
     conv = sub.add_parser("convert", help="write .safetensors twins of the pickled Sonic and RIFE weights")
     conv.add_argument("--models", required=True, type=Path)
@@ -139,6 +148,34 @@ def generate(args: argparse.Namespace) -> Path:
     return args.out
 
 
+def lipsync(args: argparse.Namespace) -> dict:
+    """offset_s > 0: the mouth moves after the sound (delay the audio by offset_s to fix it)."""
+    from . import lipsync as sync
+    from .audio import read_audio
+    from .video_io import audio_start_time, read_video
+
+    fps, chunks, video_start = read_video(args.video)
+    audio_path = args.audio or args.video
+    audio_start = audio_start_time(audio_path) if args.audio is None else 0.0
+    if audio_start is None:
+        chunks.close()
+        raise ValueError(f"{args.video} has no sound track; give one with --audio")
+    waveform, rate = read_audio(audio_path)
+    box = args.face_box
+    if box is None:
+        from .face import DlibFaceDetector, largest_face
+
+        first = next(chunks)
+        box = largest_face(DlibFaceDetector(), first[0])[:4]
+        chunks = itertools.chain([first], chunks)
+    estimate = sync.measure(chunks, fps, sync.mono(waveform), rate, box, args.search_range, track=not args.no_track)
+    # a sound track that starts later than the picture is already delayed by the difference
+    offset = estimate.offset_s - (audio_start - video_start)
+    return {"offset_s": round(offset, 4) + 0.0, "confidence": round(estimate.confidence, 4),
+            "reliable": bool(estimate.confidence >= sync.DEFAULT_MIN_CONFIDENCE and not estimate.at_edge),
+            "fps": fps, "face_box": [round(float(v), 1) for v in box]}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -148,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 
             written = convert_to_safetensors(args.models, overwrite=args.overwrite)
             print("\n".join(str(p) for p in written) or "nothing to convert")
+        elif args.command == "lipsync":
+            print(json.dumps(lipsync(args)))
         else:
             print(generate(args))
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:

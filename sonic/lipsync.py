@@ -223,3 +223,29 @@ def plan_correction(mode: str, manual_s: float, estimate: LipSyncEstimate | None
         notes.append(f"manual offset {manual_s * 1000:+.1f} ms")
     notes.append(f"audio delayed by {delay * 1000:+.1f} ms")
     return Correction(delay_s=delay, measured=estimate, applied_auto=applied, message="; ".join(notes))
+
+
+def mono(waveform: np.ndarray) -> np.ndarray:
+    """[channels, samples] or [samples] -> [samples] (channel mean)."""
+    waveform = np.asarray(waveform, np.float32)
+    return waveform.mean(axis=0) if waveform.ndim == 2 else waveform
+
+
+def calibrate(chunks: Iterable[np.ndarray] | None, fps: float, waveform: np.ndarray, sample_rate: int, face_box,
+              mode: str = "auto", manual_s: float = 0.0, search_s: float = DEFAULT_SEARCH_S,
+              tolerance_s: float = DEFAULT_TOLERANCE_S, min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+              track: bool = True) -> tuple[Correction, np.ndarray]:
+    """Measure (unless mode is 'manual') and correct: -> (the correction, the shifted [..., samples] audio).
+
+    `chunks` are the video's uint8 [n, H, W, 3] frames, read once (ignored in 'manual' mode)."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if not abs(manual_s) <= 5:
+        raise ValueError(f"the manual lip-sync offset must be within +-5 s, got {manual_s}")
+    estimate = None
+    if mode != "manual":
+        if face_box is None:
+            raise ValueError("automatic lip-sync needs the face box (x, y, w, h) of the video")
+        estimate = measure(chunks, fps, mono(waveform), sample_rate, face_box, search_s, track=track)
+    correction = plan_correction(mode, manual_s, estimate, min_confidence, tolerance_s)
+    return correction, shift_audio(waveform, sample_rate, correction.delay_s)

@@ -211,3 +211,55 @@ def write_mp4(
         tmp.unlink(missing_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
     return path
+
+
+def read_video(path: str | os.PathLike, chunk: int = 32):
+    """Open a video for reading in chunks: -> (fps, uint8 [n, H, W, 3] chunk iterator, start time of the picture
+    in seconds). The file stays open until the iterator is exhausted or closed."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video file {path} not found")
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as exc:
+        raise ValueError(f"video file {path} could not be opened ({exc}); use an MP4, MOV, MKV or WebM file") from exc
+    streams = [s for s in container.streams if s.type == "video"]
+    if not streams:
+        container.close()
+        raise ValueError(f"{path} has no video stream")
+    stream = streams[0]
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate:
+        container.close()
+        raise ValueError(f"{path} does not say its frame rate")
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+
+    def chunks():
+        try:
+            batch = []
+            for frame in container.decode(stream):
+                batch.append(frame.to_ndarray(format="rgb24"))
+                if len(batch) == chunk:
+                    yield np.stack(batch)
+                    batch = []
+            if batch:
+                yield np.stack(batch)
+        except av.FFmpegError as exc:
+            raise ValueError(f"video file {path} could not be decoded ({exc})") from exc
+        finally:
+            container.close()
+
+    return float(rate), chunks(), start
+
+
+def audio_start_time(path: str | os.PathLike) -> float | None:
+    """Start time in seconds of a file's first audio stream (None when it has none)."""
+    import av
+
+    with av.open(str(path)) as container:
+        for stream in container.streams:
+            if stream.type == "audio":
+                return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    return None

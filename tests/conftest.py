@@ -1,7 +1,7 @@
 """Shared fixtures. Reference data lives in ../shared/reference (or $SONIC_REFERENCE_DIR).
 
 Tests that need it skip with a reason when it is absent, unless SONIC_REQUIRE_REFERENCE=1 (set by CI),
-in which case they fail.
+in which case they fail. Likewise the lip-sync tests need Debian's espeak-ng (SONIC_REQUIRE_ESPEAK=1 in CI).
 """
 
 from __future__ import annotations
@@ -66,6 +66,19 @@ def tiny_cond(tiny_models, tiny_dir, tiny_params):
     options = PrepareOptions(min_resolution=tiny_params["min_resolution"], face_box=tuple(tiny_params["face_bbox_xywh"]))
     return prepare(tiny_models, tiny_dir / tiny_params["image"], tiny_dir / tiny_params["audio"], options,
                    keep_intermediates=True)
+
+
+@pytest.fixture(scope="session")
+def espeak():
+    """tests/talking.py with libespeak-ng loaded (real speech with phoneme times)."""
+    import talking
+
+    if talking.espeak_library() is None:
+        message = "libespeak-ng not found: apt-get install espeak-ng"
+        if os.environ.get("SONIC_REQUIRE_ESPEAK") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return talking
 
 
 @pytest.fixture(scope="session")
