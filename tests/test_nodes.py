@@ -7,8 +7,8 @@ import torch
 
 from comfy_harness import ValidationError, execute_prompt, validate_prompt
 
-NODE_IDS = ["SonicLoadImage", "SonicLoadAudio", "SonicModelLoader", "SonicPreData", "SonicSampler", "SonicSmoothMotion",
-            "SonicVideoEncode"]
+NODE_IDS = ["SonicLoadImage", "SonicLoadAudio", "SonicModelLoader", "SonicPreData", "SonicSampler",
+            "SonicLipSyncCalibrate", "SonicSmoothMotion", "SonicVideoEncode"]
 
 
 def test_every_node_has_a_complete_contract(comfy_env):
@@ -367,3 +367,53 @@ def test_smooth_motion_node_on_images_and_frames_file(comfy_env):
     np.testing.assert_array_equal(from_file.store.uint8(), handle.store.uint8())
     with pytest.raises(ValueError, match="needs the face"):
         node.smooth(region="face", images=images)
+
+
+def test_lip_sync_node_on_images_and_frames_file(comfy_env, espeak, caplog):
+    import numpy as np
+
+    speech = espeak.synthesize(espeak.SENTENCES[0])
+    clip = espeak.talking_clip(speech, 25.0, 0.1, seed=3)  # the picture is 100 ms late
+    images = torch.from_numpy(clip).float() / 255
+    audio = {"waveform": torch.from_numpy(speech.samples)[None, None], "sample_rate": speech.sample_rate}
+    node = _node(comfy_env, "SonicLipSyncCalibrate")
+    box = ",".join(str(v) for v in espeak.FACE_BOX)
+    out_images, handle, corrected, offset, confidence = node.calibrate(
+        mode="auto+manual", lip_sync_offset=0.02, fps=25.0, images=images, audio=audio, face_box=box)
+    assert out_images is images and handle is None
+    assert offset == pytest.approx(0.1, abs=0.01) and confidence > 0.4
+    added = corrected["waveform"].shape[-1] - len(speech.samples)
+    assert added == round((offset + 0.02) * speech.sample_rate) and not corrected["waveform"][..., :added].any()
+    assert corrected["sample_rate"] == speech.sample_rate
+
+    # the frames-file path: audio from the handle, face found by dlib on the first frame, same measurement
+    import importlib
+
+    pack = comfy_env["pack"]
+    frame_store = importlib.import_module(f"{pack.__name__}.sonic.frames").FrameStore
+    store = frame_store(256, 256, len(clip), 25.0, folder=comfy_env["base"] / "temp")
+    store.append(clip)
+    frames = pack.nodes.sampling.SonicFrames(store=store, audio=audio, fps=25.0)
+    preview, handle, from_file, offset2, _ = node.calibrate(mode="auto", frames=frames)
+    assert preview.shape[0] == 1 and handle.store is store and handle.audio is from_file
+    assert offset2 == pytest.approx(offset, abs=0.003)
+    assert from_file["waveform"].shape[-1] - len(speech.samples) == round(offset2 * speech.sample_rate)
+
+    # manual: nothing measured, only the given shift (negative cuts the start)
+    _, _, manual, offset3, confidence3 = node.calibrate(mode="manual", lip_sync_offset=-0.05, images=images,
+                                                       audio=audio)
+    assert (offset3, confidence3) == (0.0, 0.0)
+    cut = round(0.05 * speech.sample_rate)
+    assert torch.equal(manual["waveform"], audio["waveform"][..., cut:])
+
+    # a picture whose mouth never moves: low confidence, the audio is left alone and a warning says why
+    still = torch.from_numpy(espeak.render(np.zeros(4), len(clip), 25.0, seed=4)).float() / 255
+    with caplog.at_level("WARNING", logger="sonic"):
+        _, _, untouched, _, low = node.calibrate(mode="auto", images=still, audio=audio, face_box=box)
+    assert low < 0.4 and torch.equal(untouched["waveform"], audio["waveform"])
+    assert "NOT corrected" in caplog.text
+
+    with pytest.raises(ValueError, match="connect images or frames"):
+        node.calibrate(audio=audio)
+    with pytest.raises(ValueError, match="connect the audio"):
+        node.calibrate(images=images)
