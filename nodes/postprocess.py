@@ -105,6 +105,8 @@ class SonicLipSyncCalibrate:
 
         return {
             "required": {
+                "fps": ("FLOAT", {"default": 25.0, "min": 1.0, "max": 240.0, "step": 0.001, "forceInput": True,
+                        "tooltip": "Frame rate of the images (the sampler's fps); a frames file brings its own."}),
                 "mode": (list(lipsync.MODES), {"default": "auto+manual", "tooltip":
                          "auto: measure and correct. manual: only apply lip_sync_offset. auto+manual: both added."}),
                 "lip_sync_offset": ("FLOAT", {"default": 0.0, "min": -2.0, "max": 2.0, "step": 0.005, "tooltip":
@@ -117,8 +119,6 @@ class SonicLipSyncCalibrate:
                 "min_confidence": ("FLOAT", {"default": lipsync.DEFAULT_MIN_CONFIDENCE, "min": 0.0, "max": 1.0,
                                    "step": 0.05, "tooltip": "Below this confidence the measurement is not applied "
                                    "(a warning is logged)."}),
-                "fps": ("FLOAT", {"default": 25.0, "min": 1.0, "max": 240.0, "step": 0.001, "tooltip":
-                        "Frame rate of the images (connect the sampler's fps); a frames file brings its own."}),
             },
             "optional": {
                 "images": ("IMAGE", {"tooltip": "Frames as an IMAGE batch (used when no frames file is connected)."}),
@@ -130,8 +130,8 @@ class SonicLipSyncCalibrate:
             },
         }
 
-    def calibrate(self, mode="auto+manual", lip_sync_offset=0.0, search_range=0.4, tolerance=0.01, min_confidence=0.4,
-                  fps=25.0, images=None, frames=None, audio=None, predata=None, face_box=""):
+    def calibrate(self, fps=25.0, mode="auto+manual", lip_sync_offset=0.0, search_range=0.4, tolerance=0.01,
+                  min_confidence=0.4, images=None, frames=None, audio=None, predata=None, face_box=""):
         import logging
 
         import torch

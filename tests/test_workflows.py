@@ -50,6 +50,13 @@ def test_api_workflow_runs_on_the_tiny_models(comfy_env, name):
     images, audio, fps, frames = results[sampler]
     assert fps == 25.0 and len(frames.store) == 23  # 1 s -> 12 generated frames -> 23 after RIFE
     assert images.shape[0] == (1 if prompt[sampler]["inputs"]["output"] == "frames file" else 23)
+    # the default chain: sampler -> lip-sync calibration -> smoothing -> encoder, the calibrated audio encoded
+    calibrate = next(k for k, v in prompt.items() if v["class_type"] == "SonicLipSyncCalibrate")
+    smooth = next(k for k, v in prompt.items() if v["class_type"] == "SonicSmoothMotion")
+    _, _, corrected, offset, confidence = results[calibrate]
+    assert abs(offset) <= 0.4 and -1 <= confidence <= 1
+    assert prompt[encoder]["inputs"]["audio"] == [calibrate, 2]
+    assert len(results[smooth][1].store) == 23
     entry = ui[encoder]["images"][0]
     path = comfy_env["base"] / "output" / entry["subfolder"] / entry["filename"]
     assert Path(results[encoder][0]) == path

@@ -28,29 +28,45 @@ NODES = {
                      [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT"), ("frames", "SONIC_FRAMES")],
                      ["seed", None, "steps", "dynamic_scale", "motion_scale", "audio_guidance", "appearance_guidance",
                       "ip_audio_scale", "output"]),
+    "SonicLipSyncCalibrate": ([("fps", "FLOAT"), ("images", "IMAGE"), ("frames", "SONIC_FRAMES"), ("audio", "AUDIO"),
+                               ("predata", "SONIC_PREDATA")],
+                              [("images", "IMAGE"), ("frames", "SONIC_FRAMES"), ("audio", "AUDIO"), ("offset", "FLOAT"),
+                               ("confidence", "FLOAT")],
+                              ["mode", "lip_sync_offset", "search_range", "tolerance", "min_confidence", "face_box"]),
+    "SonicSmoothMotion": ([("images", "IMAGE"), ("frames", "SONIC_FRAMES"), ("predata", "SONIC_PREDATA")],
+                          [("images", "IMAGE"), ("frames", "SONIC_FRAMES")], ["alpha", "region", "face_box"]),
     "SonicVideoEncode": ([("fps", "FLOAT"), ("images", "IMAGE"), ("frames", "SONIC_FRAMES"), ("audio", "AUDIO")],
                          [("path", "STRING")], ["filename_prefix", "crf", "preset", "audio_policy", "watermark"]),
 }
 
 
 SIZES = {"SonicLoadImage": (340, 420), "SonicLoadAudio": (340, 250), "SonicModelLoader": (340, 220),
-         "SonicPreData": (340, 230), "SonicSampler": (340, 340), "SonicVideoEncode": (340, 340)}
+         "SonicPreData": (340, 230), "SonicSampler": (340, 340), "SonicLipSyncCalibrate": (340, 330),
+         "SonicSmoothMotion": (340, 200), "SonicVideoEncode": (340, 340)}
 
 
 def template(title, note, *, min_resolution=512, steps=25, output="auto", crf=18, prefix="Sonic/sonic",
              seed_mode="randomize", use_frames=False):
-    """The default graph: loaders -> model -> PreData -> sampler -> encoder (+ a note)."""
+    """The default graph: loaders -> model -> PreData -> sampler -> lip-sync -> smoothing -> encoder (+ a note).
+    Frames travel as IMAGE batches, or as the sampler's frames file when `use_frames`."""
     nodes = [
         (1, "SonicLoadImage", (40, 40), ["portrait.png", "", "image"]),
         (2, "SonicLoadAudio", (40, 500), ["speech.wav", False, 40.0, "", None, ""]),
         (3, "SonicModelLoader", (420, 40), ["Sonic/unet.pth", "auto", True, "auto"]),
         (4, "SonicPreData", (420, 300), [min_resolution, 0.0, False, 0.5, ""]),
         (5, "SonicSampler", (800, 40), [72589, seed_mode, steps, 1.0, 1.0, 7.5, 2.0, 1.0, output]),
-        (6, "SonicVideoEncode", (1180, 40), [prefix, crf, "medium", "match", ""]),
+        (7, "SonicLipSyncCalibrate", (1180, 40), ["auto+manual", 0.0, 0.4, 0.01, 0.4, ""]),
+        (8, "SonicSmoothMotion", (1180, 420), [0.3, "face without mouth", ""]),
+        (6, "SonicVideoEncode", (1560, 40), [prefix, crf, "medium", "match", ""]),
     ]
+    video = 3 if use_frames else 0  # output slot of the sampler (frames / images)
+    carried = 1 if use_frames else 0  # output slot of calibration and smoothing
+    name = "frames" if use_frames else "images"
     links = [(3, 0, 4, "sonic_model"), (1, 0, 4, "image"), (2, 0, 4, "audio"), (3, 0, 5, "sonic_model"),
-             (4, 0, 5, "predata"), (5, 2, 6, "fps"), (5, 1, 6, "audio")]
-    links.append((5, 3, 6, "frames") if use_frames else (5, 0, 6, "images"))
+             (4, 0, 5, "predata"),
+             (5, 2, 7, "fps"), (5, video, 7, name), (5, 1, 7, "audio"), (4, 0, 7, "predata"),
+             (7, carried, 8, name), (4, 0, 8, "predata"),
+             (5, 2, 6, "fps"), (8, carried, 6, name), (7, 2, 6, "audio")]
     return {"title": title, "note": note, "nodes": nodes, "links": links}
 
 
@@ -61,6 +77,9 @@ KNOBS = """Knobs (Sonic Sampler):
 - audio_guidance 7.5 / appearance_guidance 2.0: lip-sync strength vs. keeping the portrait's look.
 - seed: change it for a different performance of the same audio.
 Sonic PreData: min_resolution is the video's short side (512 official); crop animates a square around the face.
+Sonic Lip-Sync Calibrate: measures the mouth against the voice and shifts the audio (offset/confidence in the log);
+lip_sync_offset adds a fixed delay, e.g. +0.03 for a player that shows the picture 30 ms late.
+Sonic Smooth Motion: removes head jitter without delay (alpha 0.3 mild, 0.1 strong, 1 off).
 Models: Sonic's files in models/sonic (see the pack's README)."""
 
 TEMPLATES = {
@@ -112,7 +131,7 @@ def build(spec: dict) -> tuple[dict, dict]:
                         for i, (n, t) in enumerate(outputs)],
             "properties": {"Node name for S&R": ntype}, "widgets_values": values,
         })
-    ui_nodes.append({"id": 99, "type": "Note", "pos": [800, 420], "size": [720, 300], "flags": {}, "order": len(ui_nodes),
+    ui_nodes.append({"id": 99, "type": "Note", "pos": [420, 580], "size": [720, 330], "flags": {}, "order": len(ui_nodes),
                      "mode": 0, "inputs": [], "outputs": [], "properties": {}, "title": "How to use",
                      "widgets_values": [spec["note"]]})
     ui = {"last_node_id": 99, "last_link_id": len(ui_links), "nodes": ui_nodes, "links": ui_links, "groups": [],
