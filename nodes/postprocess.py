@@ -7,6 +7,23 @@ from .sampling import SonicFrames, parse_face_box
 from .video import CHUNK, image_chunks
 
 
+def video_source(images, frames, node: str):
+    """-> (count, height, width, read): `read()` gives a fresh iterator of uint8 [n, H, W, 3] chunks of the frames
+    file (preferred) or of the IMAGE batch."""
+    if frames is not None:
+        store = frames.store
+        count, height, width = len(store), store.height, store.width
+        read = lambda: store.chunks(CHUNK)  # noqa: E731
+    elif images is not None:
+        count, height, width = images.shape[0], images.shape[1], images.shape[2]
+        read = lambda: image_chunks(images)  # noqa: E731
+    else:
+        raise ValueError(f"connect images or frames (from Sonic Sampler) to {node}")
+    if count == 0:
+        raise ValueError(f"there are no frames for {node} (empty batch)")
+    return count, height, width, read
+
+
 class SonicSmoothMotion:
     DESCRIPTION = ("Remove frame-to-frame jitter by moving whole frames along a zero-phase smoothed trajectory "
                    "(no delay, so lip-sync is kept; pixels are moved, never blended, so the mouth cannot ghost).")
@@ -44,17 +61,7 @@ class SonicSmoothMotion:
         box = face_box_in_video(face_box, predata)
         if region != "frame" and box is None:
             raise ValueError(f"region '{region}' needs the face: connect predata or give face_box, or use region 'frame'")
-        if frames is not None:
-            store = frames.store
-            height, width, count = store.height, store.width, len(store)
-            read = lambda: store.chunks(CHUNK)  # noqa: E731
-        elif images is not None:
-            count, height, width = images.shape[0], images.shape[1], images.shape[2]
-            read = lambda: image_chunks(images)  # noqa: E731
-        else:
-            raise ValueError("connect images or frames (from Sonic Sampler) to Sonic Smooth Motion")
-        if count == 0:
-            raise ValueError("there are no frames to smooth (empty batch)")
+        count, height, width, read = video_source(images, frames, "Sonic Smooth Motion")
         fps = frames.fps if frames is not None else 25.0
         out = FrameStore(height, width, count, fps, folder=comfy.folder_paths().get_temp_directory())
         bar = comfy.progress_bar(count)
@@ -138,25 +145,14 @@ class SonicLipSyncCalibrate:
 
         from ..sonic import lipsync
 
-        if frames is not None:
-            store, fps = frames.store, frames.fps
-            count = len(store)
-            first = lambda: store.uint8(0, 1)[0]  # noqa: E731
-            read = lambda: store.chunks(CHUNK)  # noqa: E731
-        elif images is not None:
-            count = images.shape[0]
-            first = lambda: next(image_chunks(images[:1]))[0]  # noqa: E731
-            read = lambda: image_chunks(images)  # noqa: E731
-        else:
-            raise ValueError("connect images or frames (from Sonic Sampler) to Sonic Lip-Sync Calibrate")
+        count, _, _, read = video_source(images, frames, "Sonic Lip-Sync Calibrate")
+        fps = frames.fps if frames is not None else fps
         audio = audio if audio is not None else (frames.audio if frames is not None else None)
         if audio is None:
             raise ValueError("connect the audio to align (Sonic Sampler's audio output) to Sonic Lip-Sync Calibrate")
         waveform = audio["waveform"]
         if waveform.ndim != 3 or waveform.shape[-1] == 0:
             raise ValueError(f"the audio is empty or not [batch, channels, samples] (shape {tuple(waveform.shape)})")
-        if count == 0:
-            raise ValueError("there are no frames to calibrate (empty batch)")
         rate = int(audio["sample_rate"])
 
         box = None
@@ -165,7 +161,7 @@ class SonicLipSyncCalibrate:
             if box is None:
                 from ..sonic.face import DlibFaceDetector, largest_face
 
-                box = largest_face(DlibFaceDetector(), first())[:4]
+                box = largest_face(DlibFaceDetector(), next(read())[0])[:4]
         bar = comfy.progress_bar(count)
 
         def watched(chunks):
@@ -187,8 +183,8 @@ class SonicLipSyncCalibrate:
         corrected = {"waveform": torch.from_numpy(shifted)[None].to(waveform.dtype), "sample_rate": rate}
         _, _, intermediate = comfy.devices()
         if frames is not None:
-            preview = store.images(0, 1).to(intermediate, torch.float32)
-            handle = SonicFrames(store=store, audio=corrected, fps=fps)
+            preview = frames.store.images(0, 1).to(intermediate, torch.float32)
+            handle = SonicFrames(store=frames.store, audio=corrected, fps=fps)
         else:
             preview, handle = images, None
         offset = float(measured.offset_s) if measured is not None else 0.0
