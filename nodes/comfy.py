@@ -47,6 +47,15 @@ def progress_bar(total: int):
     return comfy.utils.ProgressBar(total)
 
 
+def watched(chunks, bar=None):
+    """Pass frame chunks through, honouring Cancel before each and advancing `bar` by each chunk's frames."""
+    for chunk in chunks:
+        check_interrupt()
+        yield chunk
+        if bar is not None:
+            bar.update(chunk.shape[0])
+
+
 def model_patcher(module, load_device, offload_device):
     """A ModelPatcher for one of our modules. It is wrapped in a plain container because the patcher assigns
     `model.device`, which diffusers and transformers models expose as a read-only property."""

@@ -4,24 +4,7 @@ from __future__ import annotations
 
 from . import comfy
 from .sampling import SonicFrames, parse_face_box
-from .video import CHUNK, image_chunks
-
-
-def video_source(images, frames, node: str):
-    """-> (count, height, width, read): `read()` gives a fresh iterator of uint8 [n, H, W, 3] chunks of the frames
-    file (preferred) or of the IMAGE batch."""
-    if frames is not None:
-        store = frames.store
-        count, height, width = len(store), store.height, store.width
-        read = lambda: store.chunks(CHUNK)  # noqa: E731
-    elif images is not None:
-        count, height, width = images.shape[0], images.shape[1], images.shape[2]
-        read = lambda: image_chunks(images)  # noqa: E731
-    else:
-        raise ValueError(f"connect images or frames (from Sonic Sampler) to {node}")
-    if count == 0:
-        raise ValueError(f"there are no frames for {node} (empty batch)")
-    return count, height, width, read
+from .video import audio_to_numpy, video_source
 
 
 class SonicSmoothMotion:
@@ -64,11 +47,8 @@ class SonicSmoothMotion:
         count, height, width, read = video_source(images, frames, "Sonic Smooth Motion")
         fps = frames.fps if frames is not None else 25.0
         out = FrameStore(height, width, count, fps, folder=comfy.folder_paths().get_temp_directory())
-        bar = comfy.progress_bar(count)
-        for chunk in smooth_video(read, height, width, alpha, region, box):
-            comfy.check_interrupt()
+        for chunk in comfy.watched(smooth_video(read, height, width, alpha, region, box), comfy.progress_bar(count)):
             out.append(chunk)
-            bar.update(chunk.shape[0])
         out.flush()
         _, _, intermediate = comfy.devices()
         result = out.images() if frames is None else out.images(0, 1)
@@ -150,10 +130,7 @@ class SonicLipSyncCalibrate:
         audio = audio if audio is not None else (frames.audio if frames is not None else None)
         if audio is None:
             raise ValueError("connect the audio to align (Sonic Sampler's audio output) to Sonic Lip-Sync Calibrate")
-        waveform = audio["waveform"]
-        if waveform.ndim != 3 or waveform.shape[-1] == 0:
-            raise ValueError(f"the audio is empty or not [batch, channels, samples] (shape {tuple(waveform.shape)})")
-        rate = int(audio["sample_rate"])
+        waveform, rate = audio_to_numpy(audio)
 
         box = None
         if mode != "manual":
@@ -162,25 +139,14 @@ class SonicLipSyncCalibrate:
                 from ..sonic.face import DlibFaceDetector, largest_face
 
                 box = largest_face(DlibFaceDetector(), next(read())[0])[:4]
-        bar = comfy.progress_bar(count)
-
-        def watched(chunks):
-            for chunk in chunks:
-                comfy.check_interrupt()
-                yield chunk
-                bar.update(chunk.shape[0])
-
         correction, shifted = lipsync.calibrate(
-            watched(read()) if mode != "manual" else None, fps, waveform[0].float().cpu().numpy(), rate, box,
+            comfy.watched(read(), comfy.progress_bar(count)) if mode != "manual" else None, fps, waveform, rate, box,
             mode=mode, manual_s=lip_sync_offset, search_s=search_range, tolerance_s=tolerance,
             min_confidence=min_confidence)
         log = logging.getLogger("sonic")
+        log.log(logging.WARNING if correction.warn else logging.INFO, "Sonic Lip-Sync Calibrate: %s", correction.message)
         measured = correction.measured
-        if measured is not None and not correction.applied_auto and measured.confidence < min_confidence:
-            log.warning("Sonic Lip-Sync Calibrate: %s", correction.message)
-        else:
-            log.info("Sonic Lip-Sync Calibrate: %s", correction.message)
-        corrected = {"waveform": torch.from_numpy(shifted)[None].to(waveform.dtype), "sample_rate": rate}
+        corrected = {"waveform": torch.from_numpy(shifted)[None].to(audio["waveform"].dtype), "sample_rate": rate}
         _, _, intermediate = comfy.devices()
         if frames is not None:
             preview = frames.store.images(0, 1).to(intermediate, torch.float32)

@@ -22,6 +22,23 @@ def image_chunks(images):
         yield (chunk.clamp(0, 1) * 255).round().byte().cpu().numpy()
 
 
+def video_source(images, frames, node: str):
+    """-> (count, height, width, read): `read()` gives a fresh iterator of uint8 [n, H, W, 3] chunks of the frames
+    file (preferred) or of the IMAGE batch."""
+    if frames is not None:
+        store = frames.store
+        count, height, width = len(store), store.height, store.width
+        read = lambda: store.chunks(CHUNK)  # noqa: E731
+    elif images is not None:
+        count, height, width = images.shape[0], images.shape[1], images.shape[2]
+        read = lambda: image_chunks(images)  # noqa: E731
+    else:
+        raise ValueError(f"connect images or frames (from Sonic Sampler) to {node}")
+    if count == 0:
+        raise ValueError(f"there are no frames for {node} (empty batch)")
+    return count, height, width, read
+
+
 def generation_metadata(prompt, extra_pnginfo) -> dict[str, str]:
     """ComfyUI's prompt and workflow (dropping the MP4 on ComfyUI restores the graph) and the Sonic settings."""
     import json
@@ -38,7 +55,8 @@ def generation_metadata(prompt, extra_pnginfo) -> dict[str, str]:
     return meta
 
 
-def _audio_arg(audio):
+def audio_to_numpy(audio):
+    """ComfyUI AUDIO -> (float32 [channels, samples] of its first item, sample rate); None stays None."""
     if audio is None:
         return None
     waveform = audio["waveform"][0].float().cpu().numpy()  # [channels, samples]
@@ -85,30 +103,17 @@ class SonicVideoEncode:
                images=None, frames=None, audio=None, prompt=None, extra_pnginfo=None):
         from ..sonic.video_io import write_mp4
 
-        if frames is not None:
-            count, height, width = len(frames.store), frames.store.height, frames.store.width
-            chunks = frames.store.chunks(CHUNK)
-            audio = audio if audio is not None else frames.audio
-        elif images is not None:
-            count, height, width = images.shape[0], images.shape[1], images.shape[2]
-            chunks = image_chunks(images)
-        else:
-            raise ValueError("connect images or frames (from Sonic Sampler) to Sonic Video Encode")
-        if count == 0:
-            raise ValueError("there are no frames to encode (empty image batch)")
+        count, height, width, read = video_source(images, frames, "Sonic Video Encode")
+        if frames is not None and audio is None:
+            audio = frames.audio
         fp = comfy.folder_paths()
         folder, name, counter, subfolder, _ = fp.get_save_image_path(filename_prefix, fp.get_output_directory(),
                                                                      width, height)
         os.makedirs(folder, exist_ok=True)
         filename = f"{name}_{counter:05}_.mp4"
 
-        def checked(chunks):
-            for chunk in chunks:
-                comfy.check_interrupt()
-                yield chunk
-
-        path = write_mp4(os.path.join(folder, filename), checked(chunks), fps, width, height, count,
-                         audio=_audio_arg(audio), crf=crf, preset=preset, audio_policy=audio_policy,
+        path = write_mp4(os.path.join(folder, filename), comfy.watched(read()), fps, width, height, count,
+                         audio=audio_to_numpy(audio), crf=crf, preset=preset, audio_policy=audio_policy,
                          metadata=generation_metadata(prompt, extra_pnginfo), watermark=watermark.strip() or None)
         ui = {"images": [{"filename": filename, "subfolder": subfolder, "type": "output"}], "animated": [True]}
         return {"ui": ui, "result": (str(path),)}

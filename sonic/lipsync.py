@@ -191,6 +191,7 @@ class Correction:
     measured: LipSyncEstimate | None
     applied_auto: bool
     message: str
+    warn: bool = False  # a measurement was made but not trusted (low confidence, or the search range's end)
 
 
 def plan_correction(mode: str, manual_s: float, estimate: LipSyncEstimate | None,
@@ -200,15 +201,17 @@ def plan_correction(mode: str, manual_s: float, estimate: LipSyncEstimate | None
     measurement is not applied when its confidence is below `min_confidence` or it is within `tolerance_s`."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    delay, applied, notes = 0.0, False, []
+    delay, applied, warn, notes = 0.0, False, False, []
     if mode != "manual":
         if estimate is None:
             raise ValueError(f"mode {mode!r} needs a measurement")
         if estimate.confidence < min_confidence:
+            warn = True
             notes.append(f"lip-sync NOT corrected: confidence {estimate.confidence:.2f} is below {min_confidence:.2f} "
                          f"(measured offset {estimate.offset_s * 1000:+.1f} ms is unreliable; check the face box "
                          "or use mode 'manual')")
         elif estimate.at_edge:
+            warn = True
             notes.append(f"lip-sync NOT corrected: the best match is at the end of the search range "
                          f"({estimate.offset_s * 1000:+.0f} ms), so the true offset may be larger; widen the search "
                          "range or use mode 'manual'")
@@ -222,7 +225,8 @@ def plan_correction(mode: str, manual_s: float, estimate: LipSyncEstimate | None
         delay += manual_s
         notes.append(f"manual offset {manual_s * 1000:+.1f} ms")
     notes.append(f"audio delayed by {delay * 1000:+.1f} ms")
-    return Correction(delay_s=delay, measured=estimate, applied_auto=applied, message="; ".join(notes))
+    return Correction(delay_s=delay, measured=estimate, applied_auto=applied, message="; ".join(notes),
+                      warn=warn)
 
 
 def mono(waveform: np.ndarray) -> np.ndarray:

@@ -149,8 +149,10 @@ def render(track: np.ndarray, n_frames: int, fps: float, offset_s: float = 0.0, 
 
     rng = np.random.default_rng(seed)
     base = _base_frame()
-    ys, xs = np.mgrid[0:256, 0:256].astype(np.float32)
     cx, cy = _MOUTH
+    # the mouth is drawn only inside this window: outside it (r > 1.75 for any opening) the frame is the photo
+    y0, y1, x0, x1 = int(cy) - 20, int(cy) + 30, int(cx) - 30, int(cx) + 30
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     frames = np.empty((n_frames, 256, 256, 3), np.uint8)
     for k in range(n_frames):
         t = k / fps - offset_s
@@ -159,7 +161,9 @@ def render(track: np.ndarray, n_frames: int, fps: float, offset_s: float = 0.0, 
         r = np.sqrt(((xs - cx) / _HALF_WIDTH) ** 2 + ((ys - cy - 0.4 * half_height) / half_height) ** 2)
         edge = np.clip((1.0 - r) * min(_HALF_WIDTH, half_height) + 0.5, 0.0, 1.0)[..., None]
         lips = np.clip((1.25 - r) * min(_HALF_WIDTH, half_height) + 0.5, 0.0, 1.0)[..., None] - edge
-        frame = base * (1 - edge - lips) + edge * np.float32([60, 20, 28]) + lips * np.float32([170, 80, 85])
+        frame = base.copy()
+        frame[y0:y1, x0:x1] = (base[y0:y1, x0:x1] * (1 - edge - lips) + edge * np.float32([60, 20, 28])
+                               + lips * np.float32([170, 80, 85]))
         if sway_px:
             dx, dy = sway_px * np.sin(2 * np.pi * 0.3 * k / fps), 0.5 * sway_px * np.sin(2 * np.pi * 0.2 * k / fps)
             frame = cv2.warpAffine(frame, np.float32([[1, 0, dx], [0, 1, dy]]), (256, 256),
