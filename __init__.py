@@ -5,7 +5,12 @@ reached through relative imports only. Heavy libraries (torch, diffusers, transf
 nodes when they run, never here, so ComfyUI starts fast.
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    # Imported as a plain module, outside any package: pytest does that to a checkout whose folder name is not
+    # an identifier (`sonic-portrait`). There is no pack to register then; ComfyUI always gives a package.
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 WEB_DIRECTORY = "./web"  # a small frontend fix for the audio upload widget (web/sonic_audio_upload.js)
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
