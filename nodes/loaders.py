@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import tempfile
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from . import comfy
+from ..sonic.params import AUDIO_SUFFIXES, IMAGE_SUFFIXES
 
-IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-AUDIO_TYPES = (".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus")
-MAX_DOWNLOAD_BYTES = 200 * 2**20
 PATH_TOOLTIP = ("Optional: a file inside ComfyUI's input/output folders, or an http(s) URL. "
                 "When set, it is used instead of the upload.")
 
@@ -32,40 +29,31 @@ def _is_url(text: str) -> bool:
     return urllib.parse.urlparse(text).scheme in ("http", "https")
 
 
-def download(url: str) -> Path:
-    """Fetch an http(s) URL into ComfyUI's temp folder (cached by URL), at most 200 MB."""
-    if not _is_url(url):
-        raise ValueError(f"{url!r} is not an http(s) URL")
-    folder = Path(comfy.folder_paths().get_temp_directory()) / "sonic-downloads"
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = Path(urllib.parse.urlparse(url).path).suffix[:8]
-    target = folder / (hashlib.sha256(url.encode()).hexdigest()[:32] + suffix)
-    if target.is_file():
-        return target
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:  # noqa: S310 (http/https only)
-            size = 0
-            while chunk := response.read(1 << 20):
-                size += len(chunk)
-                if size > MAX_DOWNLOAD_BYTES:
-                    raise ValueError(f"{url} is larger than {MAX_DOWNLOAD_BYTES >> 20} MB")
-                out.write(chunk)
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise ValueError(f"could not download {url}: {exc}") from exc
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
-
-
 def resolve(upload: str, path_or_url: str) -> Path:
+    """A local file named by the widgets: path_or_url when set, else the upload."""
     text = (path_or_url or "").strip()
     if text:
-        return download(text) if _is_url(text) else comfy.user_file(text)
+        return comfy.user_file(text)
     if not upload:
         raise ValueError("no file selected: upload one or give a path or URL")
     return comfy.user_file(upload)
+
+
+@contextlib.contextmanager
+def opened(upload: str, path_or_url: str):
+    """The file to read: a URL is downloaded (address rules: sonic/urls.py) into ComfyUI's temp folder and
+    deleted after reading, so a changed remote file is always fetched again."""
+    text = (path_or_url or "").strip()
+    if not _is_url(text):
+        yield resolve(upload, text)
+        return
+    from ..sonic.urls import fetch
+
+    path = fetch(text, Path(comfy.folder_paths().get_temp_directory()) / "sonic-downloads")
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _fingerprint(upload: str, path_or_url: str) -> str:
@@ -101,7 +89,7 @@ class SonicLoadImage:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {"image": (_input_files(IMAGE_TYPES), {"image_upload": True,
+            "required": {"image": (_input_files(IMAGE_SUFFIXES), {"image_upload": True,
                                                               "tooltip": "A portrait in ComfyUI's input folder."})},
             "optional": {"path_or_url": ("STRING", {"default": "", "tooltip": PATH_TOOLTIP})},
         }
@@ -121,11 +109,11 @@ class SonicLoadImage:
 
         from ..sonic.image import load_image
 
-        path = resolve(image, path_or_url)
-        rgb = load_image(path)
-        with Image.open(path) as raw:
-            raw = ImageOps.exif_transpose(raw)
-            alpha = np.asarray(raw.getchannel("A"), np.float32) / 255 if "A" in raw.getbands() else None
+        with opened(image, path_or_url) as path:
+            rgb = load_image(path)
+            with Image.open(path) as raw:
+                raw = ImageOps.exif_transpose(raw)
+                alpha = np.asarray(raw.getchannel("A"), np.float32) / 255 if "A" in raw.getbands() else None
         pixels = torch.from_numpy(np.asarray(rgb, np.float32) / 255)[None]
         mask = torch.from_numpy(1 - alpha)[None] if alpha is not None else torch.zeros(1, *pixels.shape[1:3])
         return (pixels, mask)
@@ -143,7 +131,7 @@ class SonicLoadAudio:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "audio": (_input_files(AUDIO_TYPES), {"audio_upload": True,
+                "audio": (_input_files(AUDIO_SUFFIXES), {"audio_upload": True,
                                                       "tooltip": "A speech recording in ComfyUI's input folder."}),
                 "trim_silence": ("BOOLEAN", {"default": False, "tooltip":
                                  "Cut leading and trailing silence (the video then starts with the first word)."}),
@@ -166,7 +154,8 @@ class SonicLoadAudio:
 
         from ..sonic.audio import read_audio, trim_silence as trim
 
-        samples, rate = read_audio(resolve(audio, path_or_url))
+        with opened(audio, path_or_url) as path:
+            samples, rate = read_audio(path)
         if trim_silence:
             samples = trim(samples, rate, silence_db)
         return ({"waveform": torch.from_numpy(samples)[None].contiguous(), "sample_rate": int(rate)},)

@@ -155,4 +155,8 @@ class SonicLipSyncCalibrate:
             preview, handle = images, None
         offset = float(measured.offset_s) if measured is not None else 0.0
         confidence = float(measured.confidence) if measured is not None else 0.0
-        return (preview, handle, corrected, offset, confidence)
+        # in the prompt's history (batch manifests read it) and in the node's UI message
+        ui = {"lipsync": [{"offset_s": round(offset, 4), "confidence": round(confidence, 4),
+                           "applied_s": round(float(correction.delay_s), 4), "warning": bool(correction.warn),
+                           "message": correction.message}]}
+        return {"ui": ui, "result": (preview, handle, corrected, offset, confidence)}

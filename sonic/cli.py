@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -26,8 +27,19 @@ def _duration(text: str) -> float | None:
     return None if text == "auto" else float(text)
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _as_module() -> bool:
+    return os.path.basename(sys.argv[0]) in ("__main__.py", "-m", "-c", "")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sonic", description="Sonic talking-head video generation")
+    parser = argparse.ArgumentParser(prog="python -m sonic" if _as_module() else "sonic-portrait", description="Sonic talking-head video generation")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="portrait + speech -> MP4")
@@ -71,10 +83,56 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--search-range", type=float, default=0.4, help="largest offset searched, seconds either way")
     sync.add_argument("--no-track", action="store_true", help="do not follow head motion (fixed mouth region)")
 
+    add_batch_parser(sub)
+
     conv = sub.add_parser("convert", help="write .safetensors twins of the pickled Sonic and RIFE weights")
     conv.add_argument("--models", required=True, type=Path)
     conv.add_argument("--overwrite", action="store_true")
     return parser
+
+
+def add_batch_parser(sub) -> None:
+    batch = sub.add_parser(
+        "batch", help="run a jobs file through ComfyUI servers' queue API (no GPU needed here)",
+        description="Run every job of a .csv/.jsonl file through one or more ComfyUI servers with this pack, "
+                    "fetch each MP4 to a folder or s3://, record each finished job in a manifest. Running the "
+                    "same command again resumes: finished jobs are skipped. Exit status: 0 all done, 1 some "
+                    "failed, 2 bad invocation or jobs file, 130 cancelled.",
+        formatter_class=_DefaultsShown)
+    batch.add_argument("jobs", type=Path, metavar="JOBS", help="jobs file: .csv with a header row, or .jsonl")
+    batch.add_argument("--server", dest="servers", action="append", required=True, metavar="URL",
+                       help="ComfyUI server base URL, e.g. http://gpu1:8188 (repeat for several)")
+    batch.add_argument("--out", required=True, metavar="DEST", help="output folder, or s3://bucket/prefix")
+    batch.add_argument("--workflow", type=Path, metavar="FILE",
+                       help="API-format workflow made of the Sonic nodes (default: workflows/api/sonic_batch_api.json)")
+    batch.add_argument("--retries", type=int, default=2, help="extra attempts for a transient failure "
+                       "(server gone, out of memory); a job's own bad input is never retried")
+    batch.add_argument("--manifest", metavar="FILE", help="manifest location (default: DEST/manifest.jsonl)")
+    batch.add_argument("--retry-failed", action="store_true", help="also rerun jobs that failed in an earlier run")
+    batch.add_argument("--json", action="store_true", help="one JSON event per line on stdout instead of a progress bar")
+    batch.add_argument("--url-expiry", type=int, default=7200, metavar="SECONDS",
+                       help="lifetime of the presigned links to s3:// outputs in the manifest")
+    batch.add_argument("--s3-endpoint", metavar="URL", default=os.environ.get("SONIC_S3_ENDPOINT"),
+                       help="S3-compatible endpoint (OSS, MinIO, R2, COS); default $SONIC_S3_ENDPOINT or AWS")
+    batch.add_argument("--s3-addressing", choices=["auto", "path", "virtual"], default="auto",
+                       help="bucket addressing (Aliyun OSS needs virtual)")
+    batch.add_argument("--job-timeout", type=float, default=0, metavar="SECONDS",
+                       help="interrupt and retry a job that runs longer (0 = no limit)")
+    batch.add_argument("--backoff", type=float, default=5.0, metavar="SECONDS",
+                       help="wait before the first retry; doubles with each further one")
+    batch.add_argument("--give-up-after", type=float, default=60.0, metavar="SECONDS",
+                       help="stop when no server has answered for this long (the manifest stays resumable)")
+    batch.add_argument("--check", action="store_true", help="check the jobs and the servers, run nothing")
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from .batch.runner import Settings, run
+
+    return run(Settings(jobs=args.jobs, servers=args.servers, out=args.out, workflow=args.workflow,
+                        retries=args.retries, manifest=args.manifest, json=args.json, retry_failed=args.retry_failed,
+                        url_expiry_s=args.url_expiry, s3_endpoint=args.s3_endpoint, s3_addressing=args.s3_addressing,
+                        backoff_s=args.backoff, job_timeout_s=args.job_timeout, give_up_s=args.give_up_after,
+                        check=args.check))
 
 
 def generate(args: argparse.Namespace) -> Path:
@@ -179,6 +237,8 @@ def lipsync(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "batch":
+        return run_batch(args)
     try:
         if args.command == "convert":
             from .checkpoints import convert_to_safetensors

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 
 DEFAULT_SEED = 72589  # the official default seed
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what the image loaders read
+AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus")  # what the audio loaders read
 
 
 def _check(condition: bool, message: str) -> None:

@@ -285,7 +285,7 @@ def test_sonic_model_folder_merges_with_user_paths(comfy_env, tmp_path):
         folder_paths.folder_names_and_paths["sonic"] = saved
 
 
-def test_loaders_fetch_http_urls(comfy_env, tiny_dir):
+def test_loaders_fetch_http_urls(comfy_env, tiny_dir, monkeypatch):
     import functools
     import http.server
     import threading
@@ -296,6 +296,10 @@ def test_loaders_fetch_http_urls(comfy_env, tiny_dir):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.delenv("SONIC_URL_ALLOW", raising=False)
+        with pytest.raises(ValueError, match="loopback address.*SONIC_URL_ALLOW"):  # a shared server's own network
+            _node(comfy_env, "SonicLoadImage").load("", path_or_url=f"{url}/portrait.png")
+        monkeypatch.setenv("SONIC_URL_ALLOW", "127.0.0.1")  # what an operator sets to allow it
         image, mask = _node(comfy_env, "SonicLoadImage").load("", path_or_url=f"{url}/portrait.png")
         assert image.shape == (1, 256, 144, 3)
         audio = _node(comfy_env, "SonicLoadAudio").load("", path_or_url=f"{url}/speech.wav")[0]
@@ -304,6 +308,7 @@ def test_loaders_fetch_http_urls(comfy_env, tiny_dir):
             _node(comfy_env, "SonicLoadImage").load("", path_or_url=f"{url}/missing.png")
     finally:
         server.shutdown()
+    assert not list((comfy_env["base"] / "temp" / "sonic-downloads").iterdir())  # read, then deleted
     assert comfy_env["mappings"]["SonicLoadImage"].IS_CHANGED("", f"{url}/portrait.png") == f"{url}/portrait.png"
 
 
@@ -378,10 +383,13 @@ def test_lip_sync_node_on_images_and_frames_file(comfy_env, espeak, caplog):
     audio = {"waveform": torch.from_numpy(speech.samples)[None, None], "sample_rate": speech.sample_rate}
     node = _node(comfy_env, "SonicLipSyncCalibrate")
     box = ",".join(str(v) for v in espeak.FACE_BOX)
-    out_images, handle, corrected, offset, confidence = node.calibrate(
-        mode="auto+manual", lip_sync_offset=0.02, fps=25.0, images=images, audio=audio, face_box=box)
+    out = node.calibrate(mode="auto+manual", lip_sync_offset=0.02, fps=25.0, images=images, audio=audio, face_box=box)
+    out_images, handle, corrected, offset, confidence = out["result"]
     assert out_images is images and handle is None
     assert offset == pytest.approx(0.1, abs=0.01) and confidence > 0.4
+    shown = out["ui"]["lipsync"][0]  # in the node's UI and the prompt's history (batch manifests)
+    assert (shown["offset_s"], shown["confidence"]) == (round(offset, 4), round(confidence, 4))
+    assert shown["applied_s"] == pytest.approx(offset + 0.02, abs=1e-4) and not shown["warning"]
     added = corrected["waveform"].shape[-1] - len(speech.samples)
     assert added == round((offset + 0.02) * speech.sample_rate) and not corrected["waveform"][..., :added].any()
     assert corrected["sample_rate"] == speech.sample_rate
@@ -394,14 +402,14 @@ def test_lip_sync_node_on_images_and_frames_file(comfy_env, espeak, caplog):
     store = frame_store(256, 256, len(clip), 25.0, folder=comfy_env["base"] / "temp")
     store.append(clip)
     frames = pack.nodes.sampling.SonicFrames(store=store, audio=audio, fps=25.0)
-    preview, handle, from_file, offset2, _ = node.calibrate(mode="auto", frames=frames)
+    preview, handle, from_file, offset2, _ = node.calibrate(mode="auto", frames=frames)["result"]
     assert preview.shape[0] == 1 and handle.store is store and handle.audio is from_file
     assert offset2 == pytest.approx(offset, abs=0.003)
     assert from_file["waveform"].shape[-1] - len(speech.samples) == round(offset2 * speech.sample_rate)
 
     # manual: nothing measured, only the given shift (negative cuts the start)
     _, _, manual, offset3, confidence3 = node.calibrate(mode="manual", lip_sync_offset=-0.05, images=images,
-                                                       audio=audio)
+                                                       audio=audio)["result"]
     assert (offset3, confidence3) == (0.0, 0.0)
     cut = round(0.05 * speech.sample_rate)
     assert torch.equal(manual["waveform"], audio["waveform"][..., cut:])
@@ -409,8 +417,10 @@ def test_lip_sync_node_on_images_and_frames_file(comfy_env, espeak, caplog):
     # a picture whose mouth never moves: low confidence, the audio is left alone and a warning says why
     still = torch.from_numpy(espeak.render(np.zeros(4), len(clip), 25.0, seed=4)).float() / 255
     with caplog.at_level("WARNING", logger="sonic"):
-        _, _, untouched, _, low = node.calibrate(mode="auto", images=still, audio=audio, face_box=box)
+        low_out = node.calibrate(mode="auto", images=still, audio=audio, face_box=box)
+    _, _, untouched, _, low = low_out["result"]
     assert low < 0.4 and torch.equal(untouched["waveform"], audio["waveform"])
+    assert low_out["ui"]["lipsync"][0]["warning"] and "NOT corrected" in low_out["ui"]["lipsync"][0]["message"]
     assert "NOT corrected" in caplog.text
 
     with pytest.raises(ValueError, match="connect images or frames"):
