@@ -1,37 +1,22 @@
-"""Opt-in: the pack inside a real ComfyUI, driven over HTTP and WebSocket like a studio's batch client.
+"""The pack inside a real ComfyUI 0.8.0, driven over HTTP and WebSocket (tests/servers.py starts it; CI installs it
+with ../shared/comfyui/install.sh and sets COMFYUI_DIR).
 
-    COMFYUI_DIR=/path/to/ComfyUI [COMFYUI_PYTHON=/path/to/python] python -m pytest tests/test_comfyui_live.py
-
-Starts `main.py --cpu` on a free port with an isolated base directory (the pack symlinked into custom_nodes,
-models/sonic = the tiny reference models), uploads the inputs, queues every API workflow, waits on the
-websocket, downloads the MP4 through /view and checks it; then checks that /interrupt cancels a run.
+Uploads the inputs, queues every API workflow, waits on the websocket, downloads the MP4 through /view and checks
+it; then checks that /interrupt cancels a run.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from servers import PACK, ROOT, ComfyUI
 
-ROOT = Path(__file__).resolve().parents[1]
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run these")
 FAST = {"SonicPreData": {"min_resolution": 128, "duration": 1.0}, "SonicSampler": {"steps": 1}}
-PACK = "sonic_portrait"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Client:
@@ -97,35 +82,12 @@ class Client:
 
 @pytest.fixture(scope="module")
 def comfyui(tmp_path_factory, tiny_dir):
-    pytest.importorskip("websocket", reason="pip install websocket-client")
-    base = tmp_path_factory.mktemp("comfyui")
-    for sub in ("custom_nodes", "models", "input", "output", "temp", "user"):
-        (base / sub).mkdir()
-    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
-    (base / "models" / "sonic").symlink_to(tiny_dir / "models", target_is_directory=True)
-    port = _free_port()
-    log = open(base / "comfyui.log", "w")
-    cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
-           "--port", str(port), "--base-directory", str(base), "--disable-api-nodes",
-           "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK, "--database-url", "sqlite:///:memory:"]
-    server = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
-    client = Client(f"http://127.0.0.1:{port}")
+    server = ComfyUI(tmp_path_factory.mktemp("comfyui"), tiny_dir).start()
     try:
-        for _ in range(240):
-            if server.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited: {(base / 'comfyui.log').read_text()[-3000:]}")
-            try:
-                client.get("/system_stats")
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise TimeoutError("ComfyUI did not start in 120 s")
-        yield client, base
+        server.wait()
+        yield Client(server.url), server.base
     finally:
-        server.terminate()
-        server.wait(30)
-        log.close()
+        server.stop()
 
 
 def test_pack_loads_in_comfyui(comfyui):

@@ -59,7 +59,8 @@ def describe_rejection(reply: dict) -> str:
 def describe_error(data: dict) -> tuple[str, bool]:
     """execution_error data -> (message naming the node, transient?). Out-of-memory is transient; the job's own
     bad input (no face, unreadable file, duration longer than the audio) is not."""
-    text = f"{data.get('exception_type', 'error')}: {data.get('exception_message', '').strip()}"
+    kind = str(data.get("exception_type") or "error").rsplit(".", 1)[-1]  # a module path may name the pack's folder
+    text = f"{kind}: {str(data.get('exception_message') or '').strip()}"
     message = f"{data.get('node_type', '?')} (node {data.get('node_id', '?')}): {text}"
     return message, any(marker in text for marker in TRANSIENT_ERRORS)
 
@@ -142,13 +143,20 @@ class ComfyServer:
                 out.write(block)
         return digest.hexdigest(), size
 
-    def cancel(self, prompt_id: str) -> None:
-        """Remove our prompt from the queue if it waits, interrupt it if it runs; never touches other prompts."""
-        for path, body in (("/queue", {"delete": [prompt_id]}), ("/interrupt", {"prompt_id": prompt_id})):
-            try:
-                self.post_json(path, body)
-            except (ServerUnreachable, urllib.error.HTTPError):
-                pass  # a server that is gone has nothing of ours left to run
+    def cancel(self, prompt_id: str, wait_s: float = 15.0) -> None:
+        """Remove our prompt from the queue if it waits, interrupt it if it runs (by id: never another user's
+        prompt), and wait until the server no longer holds it (an interrupt lands at the node's next check)."""
+        deadline = time.monotonic() + wait_s
+        try:
+            while True:
+                self.post_json("/queue", {"delete": [prompt_id]})
+                self.post_json("/interrupt", {"prompt_id": prompt_id})
+                running, pending = self.queued_ids()
+                if prompt_id not in running | pending or time.monotonic() > deadline:
+                    return
+                time.sleep(0.2)
+        except (ServerUnreachable, urllib.error.HTTPError):
+            pass  # a server that is gone has nothing of ours left to run
 
     # -- one prompt, followed to its end ------------------------------------------------------------------------
     def submit(self, prompt: dict, prompt_id: str, client_id: str) -> None:

