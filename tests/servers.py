@@ -53,8 +53,10 @@ class ComfyUI:
     """`main.py --cpu` with an isolated base directory: the pack symlinked into custom_nodes, models/sonic = the
     tiny reference models. Loopback URLs are allowed for the loaders (SONIC_URL_ALLOW), as an operator would."""
 
-    def __init__(self, base: Path, tiny_dir: Path, port: int | None = None):
+    def __init__(self, base: Path, tiny_dir: Path, port: int | None = None, threads: int | None = None):
         self.base, self.port = base, port or free_port()
+        # several servers on this 2-core machine: one thread each, or their thread pools fight (5x slower)
+        self.env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
         self.url = f"http://127.0.0.1:{self.port}"
         for sub in ("custom_nodes", "models", "input", "output", "temp", "user"):
             (base / sub).mkdir(parents=True, exist_ok=True)
@@ -68,7 +70,7 @@ class ComfyUI:
         cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
                "--port", str(self.port), "--base-directory", str(self.base), "--disable-api-nodes",
                "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK, "--database-url", "sqlite:///:memory:"]
-        env = {**os.environ, "SONIC_URL_ALLOW": "127.0.0.1"}
+        env = {**os.environ, "SONIC_URL_ALLOW": "127.0.0.1", **self.env}
         self.log = open(self.log_path, "a")
         self.process = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
         return self

@@ -168,7 +168,7 @@ def world(tmp_path_factory, tiny_dir):
                     str(material / "speech.mp3")], check=True)
     gradient = (Image.linear_gradient("L").resize((144, 256)).convert("RGB"))
     gradient.save(material / "noface.png")  # a photo with no face in it
-    servers = [ComfyUI(top / name, tiny_dir).start() for name in ("a", "b")]
+    servers = [ComfyUI(top / name, tiny_dir, threads=1).start() for name in ("a", "b")]
     s3 = S3Server(top / "s3", ("inputs", "outputs"))
     files = FileServer(material)
     try:
@@ -400,7 +400,7 @@ def test_ctrl_c_takes_only_our_prompts_out_of_the_queues(world):
 def test_a_server_killed_mid_batch_loses_no_job(world):
     """Last: it kills one of the servers."""
     material = world["material"]
-    rows = [{"id": f"k{n}", "image": "portrait.png", "audio": "speech.wav", "seed": 300 + n, **FAST, "steps": 6}
+    rows = [{"id": f"k{n}", "image": "portrait.png", "audio": "speech.wav", "seed": 300 + n, **FAST, "steps": 3}
             for n in range(6)]
     jobs = _write(material / "kill.jsonl", rows)
     out = world["top"] / "out-kill"

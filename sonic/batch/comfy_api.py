@@ -273,11 +273,15 @@ class ComfyServer:
                 ws.close()
 
     def _reconnect(self, client_id: str):
+        """A new socket after a network blip; None when the server is gone (refused: its process has ended, and
+        with it ComfyUI's in-memory queue)."""
         deadline = time.monotonic() + RECONNECT_S
         while time.monotonic() < deadline:
             try:
                 return self._connect(client_id)
-            except ServerUnreachable:
+            except ServerUnreachable as exc:
+                if isinstance(exc.__cause__, ConnectionRefusedError):
+                    return None
                 time.sleep(0.5)
         return None
 
