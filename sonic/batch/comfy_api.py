@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HTTP_TIMEOUT_S = 30
+PROBE_TIMEOUT_S = 5  # health and queue-length checks: the scheduler must not hang on a black-holed server
 POLL_S = 1.0  # websocket read timeout: how often a waiting job looks at its cancel flag and deadline
 CHECK_S = 20.0  # without events for this long, check that the prompt still exists on the server
 RECONNECT_S = 10.0  # how long a lost websocket is retried before the server counts as gone
@@ -89,8 +90,8 @@ class ComfyServer:
         except (urllib.error.URLError, OSError) as exc:
             raise ServerUnreachable(f"{self.url} did not answer: {getattr(exc, 'reason', exc)}") from exc
 
-    def get_json(self, path: str):
-        with self.request(path) as response:
+    def get_json(self, path: str, timeout: float = HTTP_TIMEOUT_S):
+        with self.request(path, timeout=timeout) as response:
             return json.loads(response.read() or b"null")
 
     def post_json(self, path: str, body: dict):
@@ -100,7 +101,7 @@ class ComfyServer:
 
     def alive(self) -> bool:
         try:
-            self.get_json("/system_stats")
+            self.get_json("/system_stats", timeout=PROBE_TIMEOUT_S)
             return True
         except (ServerUnreachable, urllib.error.HTTPError, ValueError):
             return False
@@ -109,7 +110,7 @@ class ComfyServer:
         return self.get_json("/object_info")
 
     def queue_remaining(self) -> int:
-        return int(self.get_json("/prompt")["exec_info"]["queue_remaining"])
+        return int(self.get_json("/prompt", timeout=PROBE_TIMEOUT_S)["exec_info"]["queue_remaining"])
 
     def queued_ids(self) -> tuple[set[str], set[str]]:
         """(running prompt ids, pending prompt ids)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import queue
 import signal
 import sys
@@ -80,6 +79,7 @@ class Task:
     lane: Lane | None = None
     prompt_id: str = ""
     progress: str = ""
+    timings: dict = field(default_factory=dict)  # monotonic times of the current attempt's steps
 
 
 class Events:
@@ -88,6 +88,7 @@ class Events:
     def __init__(self, as_json: bool):
         self.as_json, self.bar = as_json, None
         self.done = self.failed = 0
+        self.shown_at = 0.0
 
     def start(self, total: int) -> None:
         if not self.as_json and total:
@@ -117,9 +118,10 @@ class Events:
             self.bar.update(1)
 
     def running(self, tasks) -> None:
-        if self.bar is not None:
+        if self.bar is not None and time.monotonic() - self.shown_at > 0.5:
+            self.shown_at = time.monotonic()
             shown = " ".join(f"{t.job.id}{t.progress}" for t in tasks)
-            self.bar.set_postfix_str(f"done {self.done} failed {self.failed} | {shown}"[:120], refresh=False)
+            self.bar.set_postfix_str(f"done {self.done} failed {self.failed} | {shown}"[:120])
 
     def close(self) -> None:
         if self.bar is not None:
@@ -255,9 +257,11 @@ class Batch:
 
     def _attempt(self, task: Task, lane: Lane) -> None:
         job, post = task.job, self.messages.put
+        task.timings = {"start": time.monotonic()}
         try:
             prompt = self.workflow.bind(job, self._input(job.image, lane), self._input(job.audio, lane),
                                         f"{UPLOAD_SUBFOLDER}/{job.id}", self.schema)
+            task.timings["inputs"] = time.monotonic()
             outcome = lane.server.run(
                 prompt, on_queued=lambda pid: post(("queued", task, pid)),
                 on_progress=lambda data: post(("progress", task, data)), cancel=self.cancel,
@@ -270,6 +274,7 @@ class Batch:
             outcome = Outcome("error", "", error=f"{type(exc).__name__}: {exc}", transient=True)
         except Exception as exc:  # noqa: BLE001 (reported as this job's failure; the batch goes on)
             outcome = Outcome("error", "", error=f"{type(exc).__name__}: {exc}")
+        task.timings["comfyui"] = time.monotonic()
         post(("released", task, outcome))
         if outcome.status == "success":
             try:
@@ -297,14 +302,29 @@ class Batch:
             metadata = {"sha256": sha256, "sonic-job-id": job.id, "sonic-job-key": job.key,
                         "sonic-prompt-id": outcome.prompt_id, "sonic-params": json.dumps(job.params)}
             if isinstance(outputs, LocalOutputs):  # record first: a crash before the rename leaves a job to redo,
-                self.manifest.append(record)       # never an output without its record
+                record["timings"] = self._timings(task, outcome)  # never an output without its record
+                self.manifest.append(record)
                 outputs.store(temp, job.id, metadata)
             else:
                 record["output"], record["url"] = outputs.store(temp, job.id, metadata)
+                record["timings"] = self._timings(task, outcome)
                 self.manifest.append(record)
             return record
         finally:
             temp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _timings(task: Task, outcome: Outcome) -> dict:
+        """Where the last attempt's time went (s): inputs to the server, waiting in its queue, running there
+        (ComfyUI's own execution_start..execution_success), and fetching + storing the output so far."""
+        t = task.timings
+        stamps = {event: data.get("timestamp") for event, data in outcome.history.get("status", {}).get("messages", [])
+                  if isinstance(data, dict)}
+        at_server = t["comfyui"] - t["inputs"]
+        running = ((stamps["execution_success"] - stamps["execution_start"]) / 1000
+                   if stamps.get("execution_start") and stamps.get("execution_success") else at_server)
+        return {"inputs": round(t["inputs"] - t["start"], 3), "queued": round(max(at_server - running, 0.0), 3),
+                "running": round(running, 3), "output": round(time.monotonic() - t["comfyui"], 3)}
 
     # -- 3. the scheduler ---------------------------------------------------------------------------------------
     def execute(self, todo: list[Job]) -> int:
@@ -455,6 +475,9 @@ def run(settings: Settings) -> int:
     try:
         try:
             todo = batch.prepare()
+        except KeyboardInterrupt:
+            print("cancelled before anything was submitted", file=sys.stderr)
+            return EXIT_CANCELLED
         except JobsError as exc:
             for problem in exc.problems:
                 print(f"error: {problem}", file=sys.stderr)
