@@ -430,3 +430,29 @@ def test_a_server_killed_mid_batch_loses_no_job(world):
         if record["id"] in retried:
             assert record["server"] == world["servers"][0].url and record["attempts"] == 2
     assert sorted(p.name for p in out.glob("*.mp4")) == sorted(f"{r['id']}.mp4" for r in rows)
+
+
+def test_every_server_gone_stops_with_a_resumable_manifest(world):
+    """After the previous test only the first server is left; it dies too."""
+    material, last = world["material"], world["servers"][0]
+    rows = [{"id": f"g{n}", "image": "portrait.png", "audio": "speech.wav", "seed": 400 + n, **FAST, "steps": 3}
+            for n in range(4)]
+    jobs = _write(material / "gone.jsonl", rows)
+    out = world["top"] / "out-gone"
+    process = start_batch(world, str(jobs), "--server", last.url, "--out", str(out), "--json", "--backoff", "0.2",
+                          "--give-up-after", "3")
+    try:
+        for line in process.stdout:
+            if json.loads(line)["event"] == "progress":
+                last.kill()
+                break
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1
+    assert "every server has stopped answering" in stderr and "Run the same command again to resume" in stderr
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()] \
+        if (out / "manifest.jsonl").exists() else []
+    assert all(r["status"] == "done" for r in records)  # jobs that did not run are not recorded as failed
+    assert len(records) < len(rows)
