@@ -119,13 +119,13 @@ class Workflow:
         found = []
         for node_id, node in self.prompt.items():
             spec = input_spec(schema, node["class_type"], column)
-            if spec is not None and not isinstance(node["inputs"].get(column), list):
+            if spec is not None and is_widget(spec) and not isinstance(node["inputs"].get(column), list):
                 found.append((node_id, spec))
         return found
 
     def widget_inputs(self, schema: dict) -> list[str]:
-        names = {name for node in self.prompt.values() for name, spec in _inputs(schema, node["class_type"]).items()
-                 if not isinstance(node["inputs"].get(name), list) and not (spec[1:] and spec[1].get("forceInput"))}
+        names = {name for node in self.prompt.values() for name in _inputs(schema, node["class_type"])
+                 if self.takers(name, schema)}
         return sorted(names - set(RESERVED) - set(INPUT_COLUMNS))
 
     def bind(self, job: Job, image: tuple[str, str], audio: tuple[str, str], filename_prefix: str,
@@ -152,6 +152,13 @@ def _inputs(schema: dict, class_type: str) -> dict[str, list]:
 
 def input_spec(schema: dict, class_type: str, name: str) -> list | None:
     return _inputs(schema, class_type).get(name)
+
+
+def is_widget(spec: list) -> bool:
+    """A value typed in the node (number, text, toggle, choice), not a socket fed by another node."""
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return (isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "BOOLEAN", "STRING", "COMBO")) \
+        and not opts.get("forceInput")
 
 
 def coerce(value, spec: list):

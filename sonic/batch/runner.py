@@ -115,6 +115,7 @@ class Events:
         self.done += ok
         self.failed += not ok
         if self.bar is not None:
+            self.bar.set_postfix_str(f"done {self.done} failed {self.failed}", refresh=False)
             self.bar.update(1)
 
     def running(self, tasks) -> None:
@@ -177,10 +178,10 @@ class Batch:
                 problems.append(f"{lane.url}: lacks nodes {', '.join(missing)} (is the Sonic pack installed there?)")
                 continue
             schema = schema or info
-        for problem in problems:
-            self.events.emit("note", message=f"server {problem}")
         if schema is None:
             raise ValueError("no --server can run the workflow: " + "; ".join(problems))
+        for problem in problems:
+            self.events.emit("note", message=f"server {problem}")
         self.lanes = [lane for lane in self.lanes if lane.down_since != float("inf")]
         return schema
 

@@ -108,7 +108,7 @@ class LocalOutputs:
     """DEST is a folder: `<id>.mp4`, written under a temporary name in the same folder, then renamed."""
 
     def __init__(self, folder: Path):
-        self.folder = Path(folder)
+        self.folder = Path(folder).expanduser().resolve()
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"--out {folder} is a file; give a folder or s3://bucket/prefix")
         self.folder.mkdir(parents=True, exist_ok=True)
