@@ -199,6 +199,24 @@ def start_batch(world, *args) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, cwd=world["top"])
 
 
+def follow_batch(world, args, when, act, timeout=300) -> tuple[int, list[dict], str]:
+    """Run the batch, call act(event, process) on the first event for which when(event) holds, let it end.
+    -> (exit status, every JSON event, stderr)."""
+    process = start_batch(world, *args)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if when(json.loads(line)):
+                act(json.loads(line), process)
+                break
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, [json.loads(line) for line in lines + stdout.splitlines(keepends=True)], stderr
+
+
 def _servers(world) -> list[str]:
     return [arg for server in world["servers"] for arg in ("--server", server.url)]
 
@@ -355,16 +373,13 @@ def test_ctrl_c_takes_only_our_prompts_out_of_the_queues(world):
             for n in range(6)]
     jobs = _write(material / "slow.jsonl", rows)
     out = world["top"] / "out-cancel"
-    process = start_batch(world, str(jobs), *_servers(world), "--out", str(out), "--json")
-    ours, lines = set(), []
-    try:
-        for line in process.stdout:
-            lines.append(line)
-            event = json.loads(line)
-            if event["event"] == "queued":
-                ours.add(event["prompt_id"])
-            if event["event"] == "progress" and len(ours) >= 3:
-                break
+    ours = set()
+
+    def enough_started(event) -> bool:
+        ours.add(event.get("prompt_id")) if event["event"] == "queued" else None
+        return event["event"] == "progress" and len(ours) >= 3
+
+    def foreign_prompt_then_ctrl_c(_, process):
         # another user's prompt waits on the first server behind ours
         foreign = json.loads((ROOT / "workflows" / "api" / "sonic_quick_512.json").read_text())
         for node in foreign.values():
@@ -373,27 +388,26 @@ def test_ctrl_c_takes_only_our_prompts_out_of_the_queues(world):
             if node["class_type"] == "SonicSampler":
                 node["inputs"].update(steps=1, seed=9999)
             if node["class_type"] in ("SonicLoadImage", "SonicLoadAudio"):
-                node["inputs"]["path_or_url"] = f"{world['files'].url}/{'portrait.png' if 'Image' in node['class_type'] else 'speech.wav'}"
-        foreign_id = uuid.uuid4().hex
-        request = urllib.request.Request(first.url + "/prompt", json.dumps({"prompt": foreign, "prompt_id": foreign_id}).encode(),
-                                         {"Content-Type": "application/json"})
-        urllib.request.urlopen(request, timeout=30).read()
+                name = "portrait.png" if node["class_type"] == "SonicLoadImage" else "speech.wav"
+                node["inputs"]["path_or_url"] = f"{world['files'].url}/{name}"
+        body = json.dumps({"prompt": foreign, "prompt_id": foreign_id}).encode()
+        urllib.request.urlopen(urllib.request.Request(first.url + "/prompt", body, {"Content-Type": "application/json"}),
+                               timeout=30).read()
         process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    lines += stdout.splitlines(keepends=True)
-    assert process.returncode == 130, stderr
+
+    foreign_id = uuid.uuid4().hex
+    status, events, stderr = follow_batch(world, [str(jobs), *_servers(world), "--out", str(out), "--json"],
+                                          enough_started, foreign_prompt_then_ctrl_c, timeout=120)
+    assert status == 130, stderr
     assert "Traceback" not in stderr
-    ours |= {e["prompt_id"] for e in map(json.loads, lines) if e["event"] == "queued"}
+    ours |= {e["prompt_id"] for e in events if e["event"] == "queued"}
     for server in world["servers"]:  # on exit, nothing of ours is queued or running anywhere
         queue = _get(server.url + "/queue")
         left = {item[1] for item in queue["queue_running"] + queue["queue_pending"]}
         assert not (left & ours), (server.url, left & ours)
     _wait_until(lambda: _get(f"{first.url}/history/{foreign_id}").get(foreign_id, {}).get("status", {}).get("status_str")
                 == "success", 120, "the other user's prompt finishing")
-    assert "cancelled" in [json.loads(line)["event"] for line in lines]
+    assert "cancelled" in [e["event"] for e in events]
     assert not [p for p in out.iterdir() if p.name.endswith(".part")]
 
 
@@ -405,21 +419,11 @@ def test_a_server_killed_mid_batch_loses_no_job(world):
     jobs = _write(material / "kill.jsonl", rows)
     out = world["top"] / "out-kill"
     victim = world["servers"][1]
-    process = start_batch(world, str(jobs), *_servers(world), "--out", str(out), "--json", "--backoff", "0.2")
-    lines = []
-    try:
-        for line in process.stdout:
-            lines.append(line)
-            event = json.loads(line)
-            if event["event"] == "progress" and event["server"] == victim.url:
-                victim.kill()  # mid-job: one prompt running there, one waiting
-                break
-        stdout, stderr = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    events = [json.loads(line) for line in lines + stdout.splitlines()]
-    assert process.returncode == 0, stderr
+    status, events, stderr = follow_batch(
+        world, [str(jobs), *_servers(world), "--out", str(out), "--json", "--backoff", "0.2"],
+        lambda e: e["event"] == "progress" and e["server"] == victim.url,
+        lambda e, process: victim.kill())  # mid-job: one prompt running there, one waiting
+    assert status == 0, stderr
     assert "server_down" in [e["event"] for e in events]
     retried = {e["id"] for e in events if e["event"] == "retry"}
     assert retried, "the killed server's jobs were not moved"
@@ -439,18 +443,10 @@ def test_every_server_gone_stops_with_a_resumable_manifest(world):
             for n in range(4)]
     jobs = _write(material / "gone.jsonl", rows)
     out = world["top"] / "out-gone"
-    process = start_batch(world, str(jobs), "--server", last.url, "--out", str(out), "--json", "--backoff", "0.2",
-                          "--give-up-after", "3")
-    try:
-        for line in process.stdout:
-            if json.loads(line)["event"] == "progress":
-                last.kill()
-                break
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 1
+    status, _, stderr = follow_batch(
+        world, [str(jobs), "--server", last.url, "--out", str(out), "--json", "--backoff", "0.2", "--give-up-after", "3"],
+        lambda e: e["event"] == "progress", lambda e, process: last.kill(), timeout=120)
+    assert status == 1
     assert "every server has stopped answering" in stderr and "Run the same command again to resume" in stderr
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()] \
         if (out / "manifest.jsonl").exists() else []
