@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--no-track", action="store_true", help="do not follow head motion (fixed mouth region)")
 
     add_batch_parser(sub)
+    add_fleet_parsers(sub)
 
     conv = sub.add_parser("convert", help="write .safetensors twins of the pickled Sonic and RIFE weights")
     conv.add_argument("--models", required=True, type=Path)
@@ -123,6 +124,89 @@ def add_batch_parser(sub) -> None:
     batch.add_argument("--give-up-after", type=float, default=60.0, metavar="SECONDS",
                        help="stop when no server has answered for this long (the manifest stays resumable)")
     batch.add_argument("--check", action="store_true", help="check the jobs and the servers, run nothing")
+
+
+def add_fleet_parsers(sub) -> None:
+    def store_flags(parser):
+        parser.add_argument("--s3-endpoint", metavar="URL", default=os.environ.get("SONIC_S3_ENDPOINT"),
+                            help="S3-compatible endpoint (OSS, MinIO, R2, COS); default $SONIC_S3_ENDPOINT or AWS")
+        parser.add_argument("--s3-addressing", choices=["auto", "path", "virtual"], default="auto",
+                            help="bucket addressing (Aliyun OSS needs virtual)")
+        parser.add_argument("--broker", metavar="URL", help="redis://host:6379/0 or amqp://user@host// "
+                            "(default $SONIC_BROKER_URL)")
+
+    submit = sub.add_parser("submit", formatter_class=_DefaultsShown,
+                            help="queue a jobs file for a fleet of workers; prints the batch's URI",
+                            description="Check every job as `batch` does, upload local inputs to the store once, "
+                                        "queue one task per job. Exit status: 0 queued, 2 bad invocation or jobs.")
+    submit.add_argument("jobs", type=Path, metavar="JOBS", help="jobs file: .csv with a header row, or .jsonl")
+    submit.add_argument("--out", required=True, metavar="s3://BUCKET/PREFIX", help="where the batch's folder goes")
+    submit.add_argument("--workflow", type=Path, metavar="FILE", help="API-format workflow "
+                        "(default: workflows/api/sonic_batch_api.json)")
+    submit.add_argument("--retries", type=int, default=2, help="extra attempts for a transient failure")
+    submit.add_argument("--batch", metavar="NAME", help="the batch's folder name (default: time + random)")
+    submit.add_argument("--url-expiry", type=int, default=7200, metavar="SECONDS", help="lifetime of output links")
+    submit.add_argument("--server", metavar="URL", help="check the jobs against this ComfyUI's nodes "
+                        "(default: the snapshot of this pack's nodes)")
+    store_flags(submit)
+
+    status = sub.add_parser("status", formatter_class=_DefaultsShown, help="a submitted batch's progress",
+                            description="queued / running / done / failed, per worker. With --wait, follow it to the "
+                                        "end, then write the manifest. Exit status: 0 all done, 1 some failed.")
+    status.add_argument("batch", metavar="BATCH", help="the s3:// URI that submit printed")
+    status.add_argument("--wait", action="store_true", help="follow the batch until every job has finished")
+    status.add_argument("--json", action="store_true", help="JSON lines instead of text and a progress bar")
+    status.add_argument("--manifest", metavar="FILE", help="also write the manifest here (always: BATCH/manifest.jsonl)")
+    store_flags(status)
+
+    worker = sub.add_parser("worker", formatter_class=_DefaultsShown,
+                            help="take jobs from the queue and run them on one ComfyUI server",
+                            description="One process per ComfyUI server (one per GPU). SIGTERM or Ctrl-C: the running "
+                                        "job finishes, then the worker stops. Redelivery after a crash: "
+                                        "SONIC_VISIBILITY_TIMEOUT (s, Redis).")
+    worker.add_argument("--comfyui", required=True, metavar="URL", help="this worker's ComfyUI, e.g. http://127.0.0.1:8188")
+    worker.add_argument("--concurrency", type=int, default=1, help="jobs at a time (1 per GPU)")
+    worker.add_argument("--name", help="the worker's name in status (default: sonic-<port>-<pid>@<host>)")
+    worker.add_argument("--job-timeout", type=float, default=0, metavar="SECONDS", help="0 = no limit")
+    store_flags(worker)
+
+
+def run_fleet(args: argparse.Namespace) -> int:
+    from .batch.jobs import JobsError
+
+    try:
+        if args.command == "submit":
+            from .fleet.batches import submit
+
+            print(submit(args.jobs, args.broker, args.out, args.workflow, args.retries, args.url_expiry, args.batch,
+                         args.server, args.s3_endpoint, args.s3_addressing))
+            return 0
+        if args.command == "status":
+            from .fleet.batches import status
+
+            return status(args.batch, args.broker, args.wait, args.json, args.manifest, args.s3_endpoint,
+                          args.s3_addressing)
+        from .fleet.work import serve
+
+        return serve(_broker(args.broker), args.comfyui, args.concurrency, args.name,
+                     args.s3_endpoint, args.s3_addressing, args.job_timeout)
+    except JobsError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"error: {len(exc.problems)} problem(s); nothing was queued", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
+
+
+def _broker(flag: str | None) -> str:
+    from .fleet.queue import broker_url
+
+    return broker_url(flag)
 
 
 def run_batch(args: argparse.Namespace) -> int:
@@ -239,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "batch":
         return run_batch(args)
+    if args.command in ("submit", "status", "worker"):
+        return run_fleet(args)
     try:
         if args.command == "convert":
             from .checkpoints import convert_to_safetensors

@@ -159,3 +159,38 @@ class FileServer:
 
     def stop(self) -> None:
         self.server.shutdown()
+
+
+class Redis:
+    """Debian's redis-server on a free loopback port, append-only file on (queued jobs survive a restart)."""
+
+    def __init__(self, folder: Path):
+        self.binary = need("redis-server", shutil.which("redis-server"), "apt-get install redis-server "
+                           "(tests/run.sh does)", "SONIC_REQUIRE_COMFYUI")
+        self.folder, self.port = folder, free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+
+    def start(self) -> "Redis":
+        self.log = open(self.folder / "redis.log", "a")
+        self.process = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder),
+                                         "--daemonize", "no"], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+        if getattr(self, "log", None):
+            self.log.close()

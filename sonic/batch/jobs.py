@@ -68,6 +68,21 @@ class Job:
         """What the manifest records about the job's inputs."""
         return {"image": self.image.location, "audio": self.audio.location, "params": self.params, "key": self.key}
 
+    def metadata(self, sha256: str, prompt_id: str) -> dict[str, str]:
+        """Object metadata of the job's output (ASCII, as S3 requires)."""
+        return {"sha256": sha256, "sonic-job-id": self.id, "sonic-job-key": self.key, "sonic-prompt-id": prompt_id,
+                "sonic-params": json.dumps(self.params)}
+
+    def to_message(self) -> dict:
+        """The job as JSON (a queue message)."""
+        return {"id": self.id, "line": self.line, "image": vars(self.image), "audio": vars(self.audio),
+                "params": self.params, "key": self.key}
+
+    @classmethod
+    def from_message(cls, data: dict) -> "Job":
+        return cls(data["id"], data.get("line", 0), Source(**data["image"]), Source(**data["audio"]),
+                   dict(data.get("params", {})), data.get("key", ""))
+
 
 @dataclass
 class Workflow:
@@ -110,6 +125,22 @@ class Workflow:
     @property
     def encoder(self) -> str:
         return self.nodes(ENCODER)[0]
+
+    def video_entry(self, history: dict) -> dict:
+        """The MP4 in a finished prompt's history (filename, subfolder, type for /view)."""
+        outputs = history.get("outputs", {})
+        entries = [e for e in (outputs.get(self.encoder) or {}).get("images", []) if str(e.get("filename", "")).endswith(".mp4")]
+        if not entries:
+            raise RuntimeError(f"{ENCODER} reported no MP4 in the prompt's history")
+        return entries[0]
+
+    def lipsync(self, history: dict) -> dict:
+        """{offset, confidence} measured by the workflow's Lip-Sync Calibrate node, or {}."""
+        for node_id in self.nodes(LIPSYNC):
+            measured = (history.get("outputs", {}).get(node_id) or {}).get("lipsync") or []
+            if measured:
+                return {"offset": measured[0].get("offset_s"), "confidence": measured[0].get("confidence")}
+        return {}
 
     def class_types(self) -> set[str]:
         return {node["class_type"] for node in self.prompt.values()}

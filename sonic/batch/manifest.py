@@ -11,10 +11,21 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 FIELDS = ("id", "status", "output", "url", "sha256", "bytes", "server", "prompt_id", "attempts", "seconds", "error",
           "offset", "confidence")
+
+
+def make_record(job, status: str, **fields) -> dict:
+    """A manifest line: every field present (None when it does not apply), then the job's inputs."""
+    record = dict.fromkeys(FIELDS)
+    record.update(id=job.id, status=status, attempts=0)
+    record.update(fields)
+    record.update(job.describe())
+    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return record
 
 
 def parse_lines(text: str) -> list[dict]:

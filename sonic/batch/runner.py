@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .comfy_api import ComfyServer, Outcome, PromptRejected, ServerUnreachable
-from .jobs import ENCODER, LIPSYNC, Job, JobsError, Workflow, load_jobs
-from .manifest import Manifest
+from .jobs import Job, JobsError, Workflow, load_jobs
+from .manifest import Manifest, make_record
 from .storage import INPUT_URL_EXPIRY_S, S3, LocalOutputs, S3Outputs
 
 DEPTH = 2  # prompts of ours per server: the running one and one waiting
@@ -221,7 +221,7 @@ class Batch:
                 if existing is None:
                     todo.append(job)
                 elif existing["metadata"].get("sonic-job-key") == job.key:  # stored, then the runner died
-                    self.manifest.append(self._record(job, "done", output=self.outputs.location(job.id),
+                    self.manifest.append(make_record(job, "done", output=self.outputs.location(job.id),
                                                       sha256=existing["sha256"], bytes=existing["bytes"],
                                                       prompt_id=existing["metadata"].get("sonic-prompt-id", ""),
                                                       recovered=True))
@@ -232,15 +232,6 @@ class Batch:
         if problems:
             raise JobsError(problems)
         return todo
-
-    def _record(self, job: Job, status: str, **fields) -> dict:
-        record = {"id": job.id, "status": status, "output": None, "url": None, "sha256": None, "bytes": None,
-                  "server": None, "prompt_id": None, "attempts": 0, "seconds": None, "error": None,
-                  "offset": None, "confidence": None}
-        record.update(fields)
-        record.update(job.describe())
-        record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        return record
 
     # -- 2. one attempt of one job on one server (a thread) ----------------------------------------------------
     def _input(self, source, lane: Lane) -> tuple[str, str]:
@@ -285,23 +276,15 @@ class Batch:
 
     def _store(self, task: Task, lane: Lane, outcome: Outcome) -> dict:
         job, outputs = task.job, self.outputs
-        entries = [e for e in (outcome.history.get("outputs", {}).get(self.workflow.encoder) or {}).get("images", [])
-                   if str(e.get("filename", "")).endswith(".mp4")]
-        if not entries:
-            raise RuntimeError(f"{ENCODER} reported no MP4 in the history of prompt {outcome.prompt_id}")
+        entry = self.workflow.video_entry(outcome.history)
         temp = outputs.temp_file(job.id)
         try:
-            sha256, size = lane.server.download(entries[0], temp)
-            lipsync = {}
-            for node_id in self.workflow.nodes(LIPSYNC):
-                measured = (outcome.history.get("outputs", {}).get(node_id) or {}).get("lipsync") or []
-                if measured:
-                    lipsync = {"offset": measured[0].get("offset_s"), "confidence": measured[0].get("confidence")}
-            record = self._record(job, "done", output=outputs.location(job.id), sha256=sha256, bytes=size,
+            sha256, size = lane.server.download(entry, temp)
+            record = make_record(job, "done", output=outputs.location(job.id), sha256=sha256, bytes=size,
                                   server=lane.url, prompt_id=outcome.prompt_id, attempts=task.attempts,
-                                  seconds=round(time.monotonic() - task.started, 2), **lipsync)
-            metadata = {"sha256": sha256, "sonic-job-id": job.id, "sonic-job-key": job.key,
-                        "sonic-prompt-id": outcome.prompt_id, "sonic-params": json.dumps(job.params)}
+                                  seconds=round(time.monotonic() - task.started, 2),
+                                  **self.workflow.lipsync(outcome.history))
+            metadata = job.metadata(sha256, outcome.prompt_id)
             if isinstance(outputs, LocalOutputs):  # record first: a crash before the rename leaves a job to redo,
                 record["timings"] = self._timings(task, outcome)  # never an output without its record
                 self.manifest.append(record)
@@ -440,7 +423,7 @@ class Batch:
                              server=task.lane.url)
             return
         error = outcome.error + (f" (gave up after {task.attempts} attempts)" if outcome.transient else "")
-        record = self._record(job, "failed", server=task.lane.url, prompt_id=outcome.prompt_id or None,
+        record = make_record(job, "failed", server=task.lane.url, prompt_id=outcome.prompt_id or None,
                               attempts=task.attempts, seconds=round(time.monotonic() - task.started, 2), error=error)
         self.manifest.append(record)
         self.events.emit("failed", **record)

@@ -80,6 +80,14 @@ class S3:
         bucket, key = split_s3(uri)
         self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
 
+    def keys(self, uri: str) -> list[str]:
+        """s3:// URIs of every object under a prefix."""
+        bucket, prefix = split_s3(uri)
+        found = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            found += [f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", [])]
+        return found
+
     def check_bucket(self, uri: str) -> None:
         """Fail early (before any job runs) when the bucket is missing or the credentials cannot reach it."""
         from botocore.exceptions import BotoCoreError, ClientError
@@ -137,12 +145,13 @@ class S3Outputs:
     """DEST is s3://bucket/prefix: `<prefix>/<id>.mp4` with the job's parameters, prompt id and sha256 as object
     metadata, shared through a presigned GET link that expires after `url_expiry_s`."""
 
-    def __init__(self, s3: S3, uri: str, url_expiry_s: int):
+    def __init__(self, s3: S3, uri: str, url_expiry_s: int, check: bool = True):
         bucket, prefix = split_s3(uri)
         self.s3, self.url_expiry_s = s3, url_expiry_s
         self.base = f"s3://{bucket}/{prefix.strip('/')}".rstrip("/")
         self.manifest_location = f"{self.base}/manifest.jsonl"
-        s3.check_bucket(uri)
+        if check:
+            s3.check_bucket(uri)
 
     def location(self, job_id: str) -> str:
         return f"{self.base}/{job_id}.mp4"

@@ -1,0 +1,182 @@
+"""`python -m sonic submit` and `python -m sonic status`: a batch's life seen from any machine.
+
+A batch lives in the object store, so that its state outlives workers and broker: `<out>/<batch>/batch.json`
+(the jobs and the workflow), `<id>.mp4` and `records/<id>.json` per finished job, `manifest.jsonl` (the batch
+runner's format) once it is complete. Inputs that were local files on the submitting machine are uploaded once to
+`<out>/inputs/<batch>/<sha256><suffix>`; workers only ever see s3:// and http(s):// inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+from ..batch.jobs import Workflow, load_jobs
+from ..batch.storage import S3, split_s3
+from .queue import QUEUE, TASK, broker_url, make_app
+from .work import BatchStore
+
+SCHEMA_SNAPSHOT = Path(__file__).resolve().parents[1] / "batch" / "sonic_nodes.json"
+
+
+def node_schema(server: str | None) -> dict:
+    """Node definitions to check jobs against: a ComfyUI server's /object_info when given, else the snapshot of
+    this pack's nodes that ships with it (file choices such as the model name are checked by the workers' ComfyUI)."""
+    if server:
+        from ..batch.comfy_api import ComfyServer
+
+        return ComfyServer(server).object_info()
+    return json.loads(SCHEMA_SNAPSHOT.read_text())
+
+
+def message_schema(workflow: Workflow, schema: dict, columns: set[str]) -> dict:
+    """Only what a worker needs to bind the jobs' columns (a queue message stays small)."""
+    subset = {}
+    for class_type in workflow.class_types():
+        info = schema.get(class_type, {}).get("input", {})
+        specs = {name: spec for part in ("required", "optional") for name, spec in info.get(part, {}).items()
+                 if name in columns}
+        subset[class_type] = {"input": {"required": specs}}
+    return subset
+
+
+def submit(jobs_path: Path, broker: str | None, out: str, workflow_path: Path | None = None, retries: int = 2,
+           url_expiry_s: int = 7200, batch: str | None = None, server: str | None = None,
+           s3_endpoint: str | None = None, s3_addressing: str = "auto", backoff_s: float = 5.0) -> str:
+    """Check every job (as `batch` does), upload local inputs, queue one task per job; -> the batch's URI."""
+    if not out.startswith("s3://"):
+        raise ValueError(f"--out must be s3://bucket/prefix (workers on other machines store there), got {out!r}")
+    if retries < 0:
+        raise ValueError(f"--retries must be 0 or more, got {retries}")
+    broker = broker_url(broker)
+    workflow = Workflow.load(workflow_path)
+    schema = node_schema(server)
+    jobs = load_jobs(Path(jobs_path), workflow, schema)
+    s3 = S3(s3_endpoint, s3_addressing)
+    s3.check_bucket(out)
+    batch = batch or time.strftime("b%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
+    if not all(c.isalnum() or c in "-_." for c in batch):
+        raise ValueError(f"--batch {batch!r}: use letters, digits, '-', '_' or '.'")
+    base = out.rstrip("/")
+    uri = f"{base}/{batch}"
+    if s3.read(f"{uri}/batch.json") is not None:
+        raise ValueError(f"batch {uri} exists already; choose another --batch name")
+    uploaded = {}
+    for job in jobs:
+        for column in ("image", "audio"):
+            source = getattr(job, column)
+            if source.kind != "file":
+                continue
+            if source.sha256 not in uploaded:
+                target = f"{base}/inputs/{batch}/{source.sha256}{source.suffix}"
+                if s3.head(target) is None:  # never twice
+                    s3.upload(Path(source.location), target, {"sha256": source.sha256}, "application/octet-stream")
+                uploaded[source.sha256] = target
+            setattr(job, column, replace(source, kind="s3", location=uploaded[source.sha256]))
+    columns = {name for job in jobs for name in job.params}
+    common = {"batch": uri, "workflow": workflow.prompt, "workflow_name": workflow.path.name,
+              "workflow_digest": workflow.digest, "schema": message_schema(workflow, schema, columns),
+              "retries": retries, "backoff_s": backoff_s, "url_expiry": url_expiry_s}
+    descriptor = {**common, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "jobs": [job.to_message() for job in jobs]}
+    s3.write(f"{uri}/batch.json", json.dumps(descriptor).encode(), "application/json")
+    app = make_app(broker)
+    with app.producer_or_acquire() as producer:
+        for job in jobs:
+            app.send_task(TASK, args=[{**common, "job": job.to_message()}], task_id=f"{batch}:{job.id}",
+                          queue=QUEUE, producer=producer)
+    return uri
+
+
+def _running(app) -> dict[str, list[str]]:
+    """worker name -> ids of the jobs it is running now (asks every worker; ~1 s)."""
+    try:
+        active = app.control.inspect(timeout=1.0).active() or {}
+    except OSError:
+        return {}
+    return {worker: [task.get("id", "") for task in tasks] for worker, tasks in active.items()}
+
+
+def status(batch_uri: str, broker: str | None, wait: bool = False, as_json: bool = False,
+           manifest: str | None = None, s3_endpoint: str | None = None, s3_addressing: str = "auto",
+           poll_s: float = 2.0) -> int:
+    """Print a batch's progress; with wait, follow it to the end and write its manifest. -> exit status."""
+    split_s3(batch_uri)
+    s3 = S3(s3_endpoint, s3_addressing)
+    data = s3.read(f"{batch_uri.rstrip('/')}/batch.json")
+    if data is None:
+        raise ValueError(f"{batch_uri} is not a batch (no batch.json there); give what `submit` printed")
+    descriptor = json.loads(data)
+    store = BatchStore(s3, descriptor["batch"], descriptor.get("url_expiry", 7200))
+    app = make_app(broker_url(broker))
+    ids = [job["id"] for job in descriptor["jobs"]]
+    batch_name = descriptor["batch"].rsplit("/", 1)[-1]
+    bar, last = None, None
+    if wait and not as_json:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(ids), unit="job", desc=batch_name, file=sys.stderr, dynamic_ncols=True)
+    try:
+        while True:
+            records = store.records()
+            running = {worker: [t.split(":", 1)[1] for t in tasks if t.startswith(f"{batch_name}:")]
+                       for worker, tasks in _running(app).items()}
+            running = {worker: jobs for worker, jobs in running.items() if jobs}
+            counts = {"done": sum(r["status"] == "done" for r in records.values()),
+                      "failed": sum(r["status"] == "failed" for r in records.values()),
+                      "running": sum(len(jobs) for jobs in running.values())}
+            counts["queued"] = max(len(ids) - sum(counts.values()), 0)
+            workers = {}
+            for record in records.values():
+                entry = workers.setdefault(record.get("worker") or "?", {"done": 0, "failed": 0, "running": []})
+                entry[record["status"]] += 1
+            for worker, jobs in running.items():
+                workers.setdefault(worker, {"done": 0, "failed": 0, "running": []})["running"] = jobs
+            report = {"batch": descriptor["batch"], "jobs": len(ids), **counts, "workers": workers}
+            finished = counts["done"] + counts["failed"] >= len(ids)
+            if as_json and report != last:
+                print(json.dumps(report), flush=True)
+            elif bar is not None:
+                bar.update(counts["done"] + counts["failed"] - bar.n)
+                bar.set_postfix_str(f"done {counts['done']} failed {counts['failed']} running {counts['running']} "
+                                    f"queued {counts['queued']}")
+            elif not as_json:
+                print(_describe(report))
+            last = report
+            if not wait:
+                return 0
+            if finished:
+                break
+            time.sleep(poll_s)
+    finally:
+        if bar is not None:
+            bar.close()
+    lines = []
+    for job_id in ids:  # the batch runner's manifest, with links made now
+        record = dict(records[job_id])
+        if record["status"] == "done":
+            record["url"] = s3.presign(record["output"], descriptor.get("url_expiry", 7200))
+        lines.append(json.dumps(record))
+    text = "\n".join(lines) + "\n"
+    s3.write(store.outputs.manifest_location, text.encode(), "application/x-ndjson")
+    if manifest:
+        Path(manifest).write_text(text, encoding="utf-8")
+    where = manifest or store.outputs.manifest_location
+    if not as_json:
+        print(f"{counts['done']} done, {counts['failed']} failed; manifest: {where}", file=sys.stderr)
+    else:
+        print(json.dumps({"event": "finished", **counts, "manifest": where}), flush=True)
+    return 0 if counts["failed"] == 0 else 1
+
+
+def _describe(report: dict) -> str:
+    lines = [f"{report['batch']}: {report['jobs']} jobs: {report['done']} done, {report['failed']} failed, "
+             f"{report['running']} running, {report['queued']} queued"]
+    for worker, entry in sorted(report["workers"].items()):
+        running = f", running {', '.join(entry['running'])}" if entry["running"] else ""
+        lines.append(f"  {worker}: {entry['done']} done, {entry['failed']} failed{running}")
+    return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""One job on one ComfyUI server, and the worker process around it (`python -m sonic worker`).
+
+A job may be delivered more than once (a worker killed mid-job, a broker restart, a visibility timeout that ran
+out), so running it is idempotent: its output key and record key derive from the batch and the job id, and a job
+whose record says done (with an output of that sha256) or failed is not run again; an output stored by a worker
+that died before writing the record is adopted, not made again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from ..batch.comfy_api import ComfyServer, Outcome, PromptRejected, ServerUnreachable
+from ..batch.jobs import Job, Workflow
+from ..batch.manifest import make_record
+from ..batch.storage import INPUT_URL_EXPIRY_S, S3, S3Outputs
+from .queue import QUEUE, TASK, make_app
+
+log = logging.getLogger("sonic.fleet")
+WATCH_S = 5.0  # how often a worker asks its ComfyUI whether it answers
+
+
+class BatchStore:
+    """A batch's folder in the object store: batch.json, <id>.mp4, records/<id>.json, manifest.jsonl."""
+
+    def __init__(self, s3: S3, uri: str, url_expiry_s: int = 7200):
+        self.s3, self.uri = s3, uri.rstrip("/")
+        self.outputs = S3Outputs(s3, self.uri, url_expiry_s, check=False)  # the layout and metadata of batch runs
+
+    def record_uri(self, job_id: str) -> str:
+        return f"{self.uri}/records/{job_id}.json"
+
+    def read_record(self, job_id: str) -> dict | None:
+        data = self.s3.read(self.record_uri(job_id))
+        return json.loads(data) if data else None
+
+    def write_record(self, record: dict) -> None:
+        self.s3.write(self.record_uri(record["id"]), json.dumps(record).encode(), "application/json")
+
+    def records(self) -> dict[str, dict]:
+        found = {}
+        for uri in self.s3.keys(f"{self.uri}/records/"):
+            data = self.s3.read(uri)
+            if data:
+                record = json.loads(data)
+                found[record["id"]] = record
+        return found
+
+    def finished(self, job: Job) -> dict | None:
+        """The job's final record when it needs no (further) run: done with its output in place, or failed."""
+        record = self.read_record(job.id)
+        existing = self.outputs.existing(job.id)
+        if record and record.get("key") == job.key:
+            if record["status"] == "failed":
+                return record
+            if record["status"] == "done" and existing and existing["sha256"] == record["sha256"]:
+                return record
+        if existing and existing["metadata"].get("sonic-job-key") == job.key:  # stored; the worker died before the record
+            record = make_record(job, "done", output=self.outputs.location(job.id), sha256=existing["sha256"],
+                                 bytes=existing["bytes"], prompt_id=existing["metadata"].get("sonic-prompt-id"),
+                                 recovered=True)
+            self.write_record(record)
+            return record
+        return None
+
+
+class Worker:
+    """What one worker process serves: one ComfyUI server, the store, its name in the fleet."""
+
+    def __init__(self, comfyui: str, s3: S3, name: str, job_timeout_s: float = 0.0):
+        self.server, self.s3, self.name, self.job_timeout_s = ComfyServer(comfyui), s3, name, job_timeout_s
+        self.app = None
+        self.consuming = True
+        self.lock = threading.Lock()
+
+    # -- ComfyUI down: stop taking jobs, say so, take them again when it is back --------------------------------
+    def set_consuming(self, wanted: bool, reason: str = "") -> None:
+        with self.lock:
+            if wanted == self.consuming or self.app is None:
+                return
+            self.consuming = wanted
+        if wanted:
+            log.warning("ComfyUI at %s answers again: %s takes jobs", self.server.url, self.name)
+            self.app.control.add_consumer(QUEUE, destination=[self.name])
+        else:
+            log.warning("ComfyUI at %s is not answering (%s): %s takes no jobs until it is back",
+                        self.server.url, reason, self.name)
+            self.app.control.cancel_consumer(QUEUE, destination=[self.name])
+
+    def watch(self, stop: threading.Event) -> None:
+        while not stop.wait(WATCH_S):
+            alive = self.server.alive()
+            self.set_consuming(alive, "" if alive else "health check failed")
+
+    # -- one job -----------------------------------------------------------------------------------------------
+    def run(self, task, message: dict) -> dict:
+        """The Celery task body. Returns the job's record; raises Retry (transient) or Reject (ComfyUI down)."""
+        from celery.exceptions import Reject
+
+        job = Job.from_message(message["job"])
+        store = BatchStore(self.s3, message["batch"], message.get("url_expiry", 7200))
+        final = store.finished(job)
+        if final is not None:
+            log.info("job %s of %s already %s: skipped", job.id, message["batch"], final["status"])
+            return final
+        attempt, started = task.request.retries + 1, time.monotonic()
+        workflow = Workflow(Path(message.get("workflow_name", "workflow.json")), message["workflow"],
+                            message.get("workflow_digest", ""))
+
+        def failed(error: str, prompt_id: str | None = None) -> dict:
+            record = make_record(job, "failed", server=self.server.url, worker=self.name, prompt_id=prompt_id,
+                                 attempts=attempt, seconds=round(time.monotonic() - started, 2), error=error)
+            store.write_record(record)
+            return record
+
+        sources = []
+        for source in (job.image, job.audio):
+            if source.kind == "url":
+                sources.append(("", source.location))
+            elif source.kind == "s3":
+                sources.append(("", self.s3.presign(source.location, INPUT_URL_EXPIRY_S)))
+            else:  # never a path on the worker's disk
+                return failed(f"{source.location!r}: a fleet job's inputs must be http(s):// or s3:// URLs")
+        prompt = workflow.bind(job, sources[0], sources[1], f"sonic-fleet/{job.id}", message["schema"])
+        try:
+            outcome = self.server.run(prompt, timeout_s=self.job_timeout_s or None)
+        except PromptRejected as exc:
+            return failed(f"rejected by {self.server.url}: {exc}")
+        except ServerUnreachable as exc:  # not the job's fault: hand it back, stop taking jobs
+            self.set_consuming(False, str(exc))
+            raise Reject(str(exc), requeue=True) from None
+        if outcome.status == "success":
+            return self._store(job, store, workflow, outcome, attempt, started)
+        if outcome.status == "lost":
+            self.set_consuming(self.server.alive(), outcome.error)
+        retries = int(message.get("retries", 2))
+        if outcome.transient and task.request.retries < retries:
+            delay = min(float(message.get("backoff_s", 5.0)) * 2 ** task.request.retries, 300.0)
+            log.warning("job %s: %s; retrying in %g s", job.id, outcome.error, delay)
+            raise task.retry(countdown=delay, max_retries=retries)
+        suffix = f" (gave up after {attempt} attempts)" if outcome.transient else ""
+        return failed(outcome.error + suffix, outcome.prompt_id or None)
+
+    def _store(self, job: Job, store: BatchStore, workflow: Workflow, outcome: Outcome, attempt: int,
+               started: float) -> dict:
+        temp = store.outputs.temp_file(job.id)
+        try:
+            sha256, size = self.server.download(workflow.video_entry(outcome.history), temp)
+            output, url = store.outputs.store(temp, job.id, job.metadata(sha256, outcome.prompt_id))
+        finally:
+            temp.unlink(missing_ok=True)
+        record = make_record(job, "done", output=output, url=url, sha256=sha256, bytes=size, server=self.server.url,
+                             worker=self.name, prompt_id=outcome.prompt_id, attempts=attempt,
+                             seconds=round(time.monotonic() - started, 2), **workflow.lipsync(outcome.history))
+        store.write_record(record)  # then Celery acknowledges the message (late acknowledgement)
+        return record
+
+
+def serve(broker: str, comfyui: str, concurrency: int = 1, name: str | None = None, s3_endpoint: str | None = None,
+          s3_addressing: str = "auto", job_timeout_s: float = 0.0) -> int:
+    """Run a worker until SIGTERM/Ctrl-C (warm shutdown: the running job finishes first)."""
+    if concurrency < 1:
+        raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
+    port = comfyui.rstrip("/").rsplit(":", 1)[-1]
+    name = name or f"sonic-{port if port.isdigit() else 'comfyui'}-{os.getpid()}@{socket.gethostname()}"
+    worker = Worker(comfyui, S3(s3_endpoint, s3_addressing), name, job_timeout_s)
+    if not worker.server.alive():
+        log.warning("ComfyUI at %s is not answering yet; jobs wait in the queue until it does", comfyui)
+    app = make_app(broker)
+    worker.app = app
+
+    @app.task(name=TASK, bind=True, acks_late=True)
+    def run_job(task, message):
+        record = worker.run(task, message)  # the whole record is in the store; the log gets no links
+        return {key: record.get(key) for key in ("id", "status", "output", "error")}
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=worker.watch, args=(stop,), daemon=True, name="sonic-comfyui-watch")
+
+    from celery.signals import worker_ready
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_):
+        watcher.start()
+        worker.set_consuming(worker.server.alive(), "not answering at start")
+
+    argv = ["worker", "--pool", "solo" if concurrency == 1 else "threads", "--concurrency", str(concurrency),
+            "--queues", QUEUE, "--hostname", name, "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+    try:
+        app.worker_main(argv)
+    finally:
+        stop.set()
+    return 0
