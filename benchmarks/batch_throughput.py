@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from servers import ComfyUI  # noqa: E402  (tests/servers.py: real servers on loopback)
 
-from sonic.batch.comfy_api import ComfyServer  # noqa: E402
+from sonic.batch.comfy_api import ComfyServer, execution_seconds  # noqa: E402
 from sonic.batch.jobs import Workflow  # noqa: E402
 
 
@@ -40,12 +40,6 @@ def batch(jobs: Path, servers: list[ComfyUI], out: Path) -> tuple[float, list[di
     subprocess.run(args, check=True, capture_output=True, cwd=ROOT)
     wall = time.perf_counter() - started
     return wall, [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-
-
-def running_s(history: dict) -> float:
-    """ComfyUI's own execution time of a prompt (execution_start .. execution_success timestamps)."""
-    stamps = {event: data.get("timestamp") for event, data in history["status"]["messages"]}
-    return (stamps["execution_success"] - stamps["execution_start"]) / 1000
 
 
 def direct(rows: list[dict], server: ComfyUI, folder: Path, out: Path) -> tuple[float, float]:
@@ -65,7 +59,7 @@ def direct(rows: list[dict], server: ComfyUI, folder: Path, out: Path) -> tuple[
         outcome = client.run(workflow.bind(job, (image, ""), (audio, ""), f"direct/{job.id}", schema))
         entry = outcome.history["outputs"][workflow.encoder]["images"][0]
         client.download(entry, out / f"{job.id}.mp4")
-        running += running_s(outcome.history)
+        running += execution_seconds(outcome.history)
     return time.perf_counter() - started, running
 
 

@@ -165,6 +165,7 @@ def test_jobs_over_two_workers_and_a_bad_input(fleet):
     assert bad["status"] == "failed" and bad["attempts"] == 1 and "NoFaceError" in bad["error"]
     for record in by_id.values():
         assert record["status"] == "done", record
+        assert set(record["timings"]) == {"inputs", "queued", "running", "output"} and record["timings"]["running"] > 0
         data = urllib.request.urlopen(record["url"], timeout=30).read()  # the manifest's link
         assert hashlib.sha256(data).hexdigest() == record["sha256"]
         video = fleet.top / f"{record['id']}.mp4"

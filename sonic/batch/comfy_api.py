@@ -66,6 +66,15 @@ def describe_error(data: dict) -> tuple[str, bool]:
     return message, any(marker in text for marker in TRANSIENT_ERRORS)
 
 
+def execution_seconds(history: dict) -> float | None:
+    """How long ComfyUI executed a finished prompt (its execution_start / execution_success timestamps, ms)."""
+    stamps = {event: data.get("timestamp") for event, data in history.get("status", {}).get("messages", [])
+              if isinstance(data, dict)}
+    if stamps.get("execution_start") and stamps.get("execution_success"):
+        return (stamps["execution_success"] - stamps["execution_start"]) / 1000
+    return None
+
+
 class ComfyServer:
     def __init__(self, url: str):
         url = url.rstrip("/")

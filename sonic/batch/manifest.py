@@ -28,6 +28,18 @@ def make_record(job, status: str, **fields) -> dict:
     return record
 
 
+def timings(started: float, inputs_done: float, comfyui_done: float, history: dict) -> dict:
+    """Where an attempt's time went (s, from time.monotonic() stamps): inputs to the server, waiting in its
+    queue, running there (ComfyUI's own execution_start..execution_success), fetching and storing the output."""
+    from .comfy_api import execution_seconds
+
+    at_server = comfyui_done - inputs_done
+    running = execution_seconds(history)
+    running = at_server if running is None else running
+    return {"inputs": round(inputs_done - started, 3), "queued": round(max(at_server - running, 0.0), 3),
+            "running": round(running, 3), "output": round(time.monotonic() - comfyui_done, 3)}
+
+
 def parse_lines(text: str) -> list[dict]:
     records = []
     for line in text.splitlines():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .comfy_api import ComfyServer, Outcome, PromptRejected, ServerUnreachable
 from .jobs import Job, JobsError, Workflow, load_jobs
-from .manifest import Manifest, make_record
+from .manifest import Manifest, make_record, timings
 from .storage import INPUT_URL_EXPIRY_S, S3, LocalOutputs, S3Outputs
 
 DEPTH = 2  # prompts of ours per server: the running one and one waiting
@@ -286,29 +286,16 @@ class Batch:
                                   **self.workflow.lipsync(outcome.history))
             metadata = job.metadata(sha256, outcome.prompt_id)
             if isinstance(outputs, LocalOutputs):  # record first: a crash before the rename leaves a job to redo,
-                record["timings"] = self._timings(task, outcome)  # never an output without its record
+                record["timings"] = timings(task.timings["start"], task.timings["inputs"], task.timings["comfyui"], outcome.history)  # never an output without its record
                 self.manifest.append(record)
                 outputs.store(temp, job.id, metadata)
             else:
                 record["output"], record["url"] = outputs.store(temp, job.id, metadata)
-                record["timings"] = self._timings(task, outcome)
+                record["timings"] = timings(task.timings["start"], task.timings["inputs"], task.timings["comfyui"], outcome.history)
                 self.manifest.append(record)
             return record
         finally:
             temp.unlink(missing_ok=True)
-
-    @staticmethod
-    def _timings(task: Task, outcome: Outcome) -> dict:
-        """Where the last attempt's time went (s): inputs to the server, waiting in its queue, running there
-        (ComfyUI's own execution_start..execution_success), and fetching + storing the output so far."""
-        t = task.timings
-        stamps = {event: data.get("timestamp") for event, data in outcome.history.get("status", {}).get("messages", [])
-                  if isinstance(data, dict)}
-        at_server = t["comfyui"] - t["inputs"]
-        running = ((stamps["execution_success"] - stamps["execution_start"]) / 1000
-                   if stamps.get("execution_start") and stamps.get("execution_success") else at_server)
-        return {"inputs": round(t["inputs"] - t["start"], 3), "queued": round(max(at_server - running, 0.0), 3),
-                "running": round(running, 3), "output": round(time.monotonic() - t["comfyui"], 3)}
 
     # -- 3. the scheduler ---------------------------------------------------------------------------------------
     def execute(self, todo: list[Job]) -> int:

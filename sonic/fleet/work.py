@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..batch.comfy_api import ComfyServer, Outcome, PromptRejected, ServerUnreachable
 from ..batch.jobs import Job, Workflow
-from ..batch.manifest import make_record
+from ..batch.manifest import make_record, timings
 from ..batch.storage import INPUT_URL_EXPIRY_S, S3, S3Outputs
 from .queue import QUEUE, TASK, make_app
 
@@ -128,6 +128,7 @@ class Worker:
             else:  # never a path on the worker's disk
                 return failed(f"{source.location!r}: a fleet job's inputs must be http(s):// or s3:// URLs")
         prompt = workflow.bind(job, sources[0], sources[1], f"sonic-fleet/{job.id}", message["schema"])
+        inputs_done = time.monotonic()
         try:
             outcome = self.server.run(prompt, timeout_s=self.job_timeout_s or None)
         except PromptRejected as exc:
@@ -135,8 +136,9 @@ class Worker:
         except ServerUnreachable as exc:  # not the job's fault: hand it back, stop taking jobs
             self.set_consuming(False, str(exc))
             raise Reject(str(exc), requeue=True) from None
+        comfyui_done = time.monotonic()
         if outcome.status == "success":
-            return self._store(job, store, workflow, outcome, attempt, started)
+            return self._store(job, store, workflow, outcome, attempt, (started, inputs_done, comfyui_done))
         if outcome.status == "lost":
             self.set_consuming(self.server.alive(), outcome.error)
         retries = int(message.get("retries", 2))
@@ -148,7 +150,7 @@ class Worker:
         return failed(outcome.error + suffix, outcome.prompt_id or None)
 
     def _store(self, job: Job, store: BatchStore, workflow: Workflow, outcome: Outcome, attempt: int,
-               started: float) -> dict:
+               stamps: tuple[float, float, float]) -> dict:
         temp = store.outputs.temp_file(job.id)
         try:
             sha256, size = self.server.download(workflow.video_entry(outcome.history), temp)
@@ -157,7 +159,8 @@ class Worker:
             temp.unlink(missing_ok=True)
         record = make_record(job, "done", output=output, url=url, sha256=sha256, bytes=size, server=self.server.url,
                              worker=self.name, prompt_id=outcome.prompt_id, attempts=attempt,
-                             seconds=round(time.monotonic() - started, 2), **workflow.lipsync(outcome.history))
+                             seconds=round(time.monotonic() - stamps[0], 2), timings=timings(*stamps, outcome.history),
+                             **workflow.lipsync(outcome.history))
         store.write_record(record)  # then Celery acknowledges the message (late acknowledgement)
         return record
 
