@@ -194,3 +194,44 @@ class Redis:
             self.process.wait(30)
         if getattr(self, "log", None):
             self.log.close()
+
+
+class RabbitMQ:
+    """Debian's rabbitmq-server as an unprivileged node on loopback ports, with its own data folder."""
+
+    def __init__(self, folder: Path):
+        binary = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+        self.binary = need("rabbitmq-server", str(binary) if binary.is_file() else None,
+                           "apt-get install rabbitmq-server (tests/run.sh does)", "SONIC_REQUIRE_COMFYUI")
+        self.folder, self.port = folder, free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "plugins").write_text("[].")
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        self.env = {**os.environ, "HOME": str(folder), "RABBITMQ_NODENAME": f"sonic{self.port}@localhost",
+                    "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_NODE_PORT": str(self.port),
+                    "RABBITMQ_DIST_PORT": str(free_port()), "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
+                    "RABBITMQ_LOG_BASE": str(folder / "log"), "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "plugins"),
+                    "ERL_EPMD_ADDRESS": "127.0.0.1"}
+
+    def start(self) -> "RabbitMQ":
+        self.log = open(self.folder / "rabbitmq.log", "a")
+        self.process = subprocess.Popen([self.binary], env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            assert self.process.poll() is None, (self.folder / "rabbitmq.log").read_text()[-2000:]
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError("rabbitmq-server did not start")
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)  # the Erlang VM and its helpers
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+        self.log.close()

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from servers import ROOT, ComfyUI, Redis, S3Server, comfyui_dir
+from servers import ROOT, ComfyUI, RabbitMQ, Redis, S3Server, comfyui_dir
 
 FAST = {"steps": 2, "min_resolution": 128, "duration": 1.0}
 FILE_CHOICES = {"image", "audio", "sonic_unet"}  # combos listing files: checked by the workers' ComfyUI
@@ -74,38 +74,45 @@ class Fleet:
         for server in self.comfy:
             server.wait()
         self.workers: dict[str, subprocess.Popen] = {}
+        self.serves: dict[str, int] = {}  # worker name -> index of its ComfyUI server
         self.env = {**os.environ, **self.s3.env, "PYTHONPATH": str(ROOT), "SONIC_BROKER_URL": self.redis.url,
                     "SONIC_VISIBILITY_TIMEOUT": str(VISIBILITY_S)}
 
-    def start_worker(self, index: int) -> None:
-        name = f"w{index}@test"
-        log = open(self.top / f"worker{index}.log", "a")
+    def start_worker(self, index: int, name: str | None = None, broker: str | None = None) -> str:
+        """A worker for ComfyUI server `index`; its log is worker<name>.log."""
+        name = name or f"w{index}@test"
+        self.serves[name] = index
+        log = open(self.top / f"worker{name}.log", "a")
         self.workers[name] = subprocess.Popen(
-            [sys.executable, "-c", CLI, "worker", "--comfyui", self.comfy[index].url, "--name", name],
+            [sys.executable, "-c", CLI, "worker", "--comfyui", self.comfy[index].url, "--name", name,
+             *(["--broker", broker] if broker else [])],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.top)
         deadline = time.time() + 60
-        while "ready" not in (self.top / f"worker{index}.log").read_text():
-            assert time.time() < deadline and self.workers[name].poll() is None, self.log(index)
+        while "ready" not in self.log(name):
+            assert time.time() < deadline and self.workers[name].poll() is None, self.log(name)
             time.sleep(0.2)
+        return name
 
-    def wait_running(self, index: int, batch: str) -> None:
-        """Until worker `index` runs a job of `batch` on its ComfyUI (the prompt is executing there)."""
+    def wait_running(self, name: str, batch: str) -> None:
+        """Until worker `name` runs a job of `batch` on its ComfyUI (the prompt is executing there)."""
+        index = self.serves[name]
         deadline = time.time() + 120
         while True:
             queue = json.loads(urllib.request.urlopen(self.comfy[index].url + "/queue", timeout=10).read())
-            if f"sonic.run_job[{batch}:" in self.log(index) and queue["queue_running"]:
+            if f"sonic.run_job[{batch}:" in self.log(name) and queue["queue_running"]:
                 return
-            assert time.time() < deadline, self.log(index)
+            assert time.time() < deadline, self.log(name)
             time.sleep(0.1)
 
-    def log(self, index: int) -> str:
-        return (self.top / f"worker{index}.log").read_text()
+    def log(self, name: str) -> str:
+        return (self.top / f"worker{name}.log").read_text()
 
     def cli(self, *args, timeout=600) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", CLI, *args], env=self.env, capture_output=True, text=True,
                               timeout=timeout, cwd=self.material)
 
     def submit(self, rows: list[dict], name: str, *extra) -> str:
+        """Queue rows as batch `name` (extra: more submit flags); -> the batch URI."""
         path = self.material / f"{name}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         result = self.cli("submit", str(path), "--out", "s3://studio/renders", "--batch", name, *extra)
@@ -190,7 +197,7 @@ def test_bad_rows_are_not_queued(fleet):
 def test_a_worker_killed_mid_job_loses_nothing(fleet):
     uri = fleet.submit(_jobs("k", 3, 100, steps=6), "killed")
     victim = "w1@test"
-    fleet.wait_running(1, "killed")
+    fleet.wait_running("w1@test", "killed")
     fleet.workers[victim].send_signal(signal.SIGKILL)
     fleet.workers[victim].wait(30)
     status, records = fleet.wait(uri)
@@ -220,7 +227,7 @@ def test_broker_restarted_mid_batch_loses_no_job(fleet):
 
 def test_sigterm_finishes_the_running_job_then_stops(fleet):
     uri = fleet.submit(_jobs("t", 2, 400, steps=6), "term")
-    fleet.wait_running(1, "term")
+    fleet.wait_running("w1@test", "term")
     worker = fleet.workers["w1@test"]
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(120) == 0
@@ -232,7 +239,7 @@ def test_sigterm_finishes_the_running_job_then_stops(fleet):
 
 def test_comfyui_dying_mid_job_is_retried_elsewhere(fleet):
     uri = fleet.submit(_jobs("c", 2, 500, steps=6), "crash", "--retries", "1")
-    fleet.wait_running(1, "crash")
+    fleet.wait_running("w1@test", "crash")
     fleet.comfy[1].kill()
     status, records = fleet.wait(uri)
     assert status == 0 and {r["worker"] for r in records} == {"w0@test"}
@@ -246,9 +253,31 @@ def test_a_worker_whose_comfyui_is_down_takes_no_jobs(fleet):
     uri = fleet.submit(_jobs("d", 3, 300), "down")
     status, records = fleet.wait(uri)
     assert status == 0 and {r["worker"] for r in records} == {"w0@test"}
-    assert "is not answering" in fleet.log(1) and "takes no jobs until it is back" in fleet.log(1)
+    assert "is not answering" in fleet.log("w1@test") and "takes no jobs until it is back" in fleet.log("w1@test")
     down.start().wait()
     deadline = time.time() + 60
-    while "answers again" not in fleet.log(1):
-        assert time.time() < deadline, fleet.log(1)
+    while "answers again" not in fleet.log("w1@test"):
+        assert time.time() < deadline, fleet.log("w1@test")
         time.sleep(0.5)
+
+
+def test_rabbitmq_by_changing_only_the_broker_url(fleet):
+    """The same commands with an amqp:// broker; a killed worker's job returns as soon as its connection drops."""
+    rabbit = RabbitMQ(fleet.top / "rabbit").start()
+    try:
+        first = fleet.start_worker(0, "r0@test", rabbit.url)
+        uri = fleet.submit(_jobs("q", 2, 600, steps=6), "rabbit", "--broker", rabbit.url)
+        fleet.wait_running(first, "rabbit")
+        fleet.workers[first].send_signal(signal.SIGKILL)
+        fleet.workers[first].wait(30)
+        fleet.start_worker(0, "r1@test", rabbit.url)
+        status, records = fleet.wait(uri, "--broker", rabbit.url)
+        assert status == 0 and sorted(r["id"] for r in records) == ["q0", "q1"]
+        assert {r["worker"] for r in records} == {"r1@test"}
+        assert len(fleet.objects("renders/rabbit/records/")) == 2
+    finally:
+        for name in ("r0@test", "r1@test"):
+            if name in fleet.workers and fleet.workers[name].poll() is None:
+                fleet.workers[name].terminate()
+                fleet.workers[name].wait(60)
+        rabbit.stop()

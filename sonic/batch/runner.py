@@ -10,7 +10,6 @@ it writes the manifest, shows progress, and on Ctrl-C takes this batch's prompts
 
 from __future__ import annotations
 
-import fcntl
 import json
 import queue
 import signal
@@ -20,6 +19,11 @@ import time
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from .comfy_api import ComfyServer, Outcome, PromptRejected, ServerUnreachable
 from .jobs import Job, JobsError, Workflow, load_jobs
@@ -164,31 +168,33 @@ class Batch:
 
     def _schema(self) -> dict:
         """Node definitions from the servers (/object_info). A server without the workflow's nodes is left out."""
-        needed, schema, problems = self.workflow.class_types(), None, []
+        needed, schema, problems, usable = self.workflow.class_types(), None, [], []
         for lane in self.lanes:
             try:
                 info = lane.server.object_info()
             except (ServerUnreachable, urllib.error.HTTPError, ValueError) as exc:
-                lane.up, lane.down_since = False, time.monotonic()
+                lane.up, lane.down_since = False, time.monotonic()  # asked again while the batch runs
                 problems.append(f"{lane.url}: not answering ({exc})")
+                usable.append(lane)
                 continue
             missing = sorted(needed - set(info))
             if missing:
-                lane.up, lane.down_since = False, float("inf")  # never used
                 problems.append(f"{lane.url}: lacks nodes {', '.join(missing)} (is the Sonic pack installed there?)")
                 continue
             schema = schema or info
+            usable.append(lane)
         if schema is None:
             raise ValueError("no --server can run the workflow: " + "; ".join(problems))
         for problem in problems:
             self.events.emit("note", message=f"server {problem}")
-        self.lanes = [lane for lane in self.lanes if lane.down_since != float("inf")]
+        self.lanes = usable
         return schema
 
     def _lock_folder(self, folder: Path) -> None:
-        self._lock_file = open(folder / ".sonic-batch.lock", "w")
+        self._lock_file = open(folder / ".sonic-batch.lock", "w")  # held until the process ends
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:  # POSIX; on Windows two batches on one folder are not prevented
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise ValueError(f"another batch is writing to {folder}; wait for it or use another --out") from None
         for stale in folder.glob(".*.part"):  # a temporary file left by a batch that was killed
