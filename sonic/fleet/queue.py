@@ -51,6 +51,7 @@ def make_app(broker: str):
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=False,  # a task that raised is not acknowledged: the job is not lost
         worker_prefetch_multiplier=1,
         task_default_queue=QUEUE,
         task_serializer="json",

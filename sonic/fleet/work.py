@@ -99,6 +99,29 @@ class Worker:
             self.set_consuming(alive, "" if alive else "health check failed")
 
     # -- one job -----------------------------------------------------------------------------------------------
+    def run_safely(self, task, message: dict) -> dict:
+        """`run`, where anything unexpected (the store briefly unreachable, ComfyUI gone while its output is
+        fetched) is a transient failure: retried, then recorded. A task that raised would be acknowledged as
+        failed by Celery with no record: the job would be lost."""
+        from celery.exceptions import Reject, Retry
+
+        try:
+            return self.run(task, message)
+        except (Retry, Reject):
+            raise
+        except Exception as exc:  # noqa: BLE001 (recorded below)
+            error = f"{type(exc).__name__}: {exc}"
+            retries = int(message.get("retries", 2))
+            if task.request.retries < retries:
+                delay = min(float(message.get("backoff_s", 5.0)) * 2 ** task.request.retries, 300.0)
+                log.warning("job %s: %s; retrying in %g s", message["job"]["id"], error, delay)
+                raise task.retry(countdown=delay, max_retries=retries) from None
+            job = Job.from_message(message["job"])
+            record = make_record(job, "failed", server=self.server.url, worker=self.name,
+                                 attempts=task.request.retries + 1, error=f"{error} (gave up after retries)")
+            BatchStore(self.s3, message["batch"]).write_record(record)  # if this fails too, the broker keeps the job
+            return record
+
     def run(self, task, message: dict) -> dict:
         """The Celery task body. Returns the job's record; raises Retry (transient) or Reject (ComfyUI down)."""
         from celery.exceptions import Reject
@@ -180,7 +203,7 @@ def serve(broker: str, comfyui: str, concurrency: int = 1, name: str | None = No
 
     @app.task(name=TASK, bind=True, acks_late=True)
     def run_job(task, message):
-        record = worker.run(task, message)  # the whole record is in the store; the log gets no links
+        record = worker.run_safely(task, message)  # the whole record is in the store; the log gets no links
         return {key: record.get(key) for key in ("id", "status", "output", "error")}
 
     stop = threading.Event()
