@@ -198,6 +198,9 @@ def test_a_worker_killed_mid_job_loses_nothing(fleet):
     uri = fleet.submit(_jobs("k", 3, 100, steps=6), "killed")
     victim = "w1@test"
     fleet.wait_running("w1@test", "killed")
+    report = json.loads(fleet.cli("status", uri, "--json").stdout)  # queued / running / done / failed, per worker
+    assert len(report["workers"][victim]["running"]) == 1 and report["running"] >= 1
+    assert report["queued"] + report["running"] + report["done"] == 3 and report["broker_waiting"] is not None
     fleet.workers[victim].send_signal(signal.SIGKILL)
     fleet.workers[victim].wait(30)
     status, records = fleet.wait(uri)

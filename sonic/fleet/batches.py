@@ -92,13 +92,14 @@ def submit(jobs_path: Path, broker: str | None, out: str, workflow_path: Path | 
     return uri
 
 
-def _running(app) -> dict[str, list[str]]:
-    """worker name -> ids of the jobs it is running now (asks every worker; ~1 s)."""
+def waiting_in_queue(broker: str | None) -> int | None:
+    """Messages waiting in the broker's queue (all batches), or None when no broker is known or it does not answer."""
     try:
-        active = app.control.inspect(timeout=1.0).active() or {}
-    except OSError:
-        return {}
-    return {worker: [task.get("id", "") for task in tasks] for worker, tasks in active.items()}
+        app = make_app(broker_url(broker))
+        with app.connection_for_read() as connection:
+            return connection.default_channel.queue_declare(QUEUE, passive=True).message_count
+    except Exception:  # noqa: BLE001 (the store alone still tells the batch's state)
+        return None
 
 
 def status(batch_uri: str, broker: str | None, wait: bool = False, as_json: bool = False,
@@ -112,7 +113,6 @@ def status(batch_uri: str, broker: str | None, wait: bool = False, as_json: bool
         raise ValueError(f"{batch_uri} is not a batch (no batch.json there); give what `submit` printed")
     descriptor = json.loads(data)
     store = BatchStore(s3, descriptor["batch"], descriptor.get("url_expiry", 7200))
-    app = make_app(broker_url(broker))
     ids = [job["id"] for job in descriptor["jobs"]]
     batch_name = descriptor["batch"].rsplit("/", 1)[-1]
     bar, last = None, None
@@ -123,20 +123,17 @@ def status(batch_uri: str, broker: str | None, wait: bool = False, as_json: bool
     try:
         while True:
             records = store.records()
-            running = {worker: [t.split(":", 1)[1] for t in tasks if t.startswith(f"{batch_name}:")]
-                       for worker, tasks in _running(app).items()}
-            running = {worker: jobs for worker, jobs in running.items() if jobs}
-            counts = {"done": sum(r["status"] == "done" for r in records.values()),
-                      "failed": sum(r["status"] == "failed" for r in records.values()),
-                      "running": sum(len(jobs) for jobs in running.values())}
+            counts = {state: sum(r["status"] == state for r in records.values()) for state in ("done", "failed", "running")}
             counts["queued"] = max(len(ids) - sum(counts.values()), 0)
             workers = {}
             for record in records.values():
                 entry = workers.setdefault(record.get("worker") or "?", {"done": 0, "failed": 0, "running": []})
-                entry[record["status"]] += 1
-            for worker, jobs in running.items():
-                workers.setdefault(worker, {"done": 0, "failed": 0, "running": []})["running"] = jobs
-            report = {"batch": descriptor["batch"], "jobs": len(ids), **counts, "workers": workers}
+                if record["status"] == "running":
+                    entry["running"].append(record["id"])
+                else:
+                    entry[record["status"]] += 1
+            report = {"batch": descriptor["batch"], "jobs": len(ids), **counts, "workers": workers,
+                      "broker_waiting": waiting_in_queue(broker)}
             finished = counts["done"] + counts["failed"] >= len(ids)
             if as_json and report != last:
                 print(json.dumps(report), flush=True)
@@ -174,8 +171,10 @@ def status(batch_uri: str, broker: str | None, wait: bool = False, as_json: bool
 
 
 def _describe(report: dict) -> str:
+    waiting = report["broker_waiting"]
     lines = [f"{report['batch']}: {report['jobs']} jobs: {report['done']} done, {report['failed']} failed, "
-             f"{report['running']} running, {report['queued']} queued"]
+             f"{report['running']} running, {report['queued']} queued"
+             + (f" ({waiting} message(s) waiting in the broker's queue, all batches)" if waiting is not None else "")]
     for worker, entry in sorted(report["workers"].items()):
         running = f", running {', '.join(entry['running'])}" if entry["running"] else ""
         lines.append(f"  {worker}: {entry['done']} done, {entry['failed']} failed{running}")

@@ -133,6 +133,9 @@ class Worker:
             log.info("job %s of %s already %s: skipped", job.id, message["batch"], final["status"])
             return final
         attempt, started = task.request.retries + 1, time.monotonic()
+        # visible to `status` (a solo-pool worker cannot answer Celery's inspect while it runs a job); replaced by
+        # the final record, or stale when this worker dies, until the job is delivered again
+        store.write_record(make_record(job, "running", server=self.server.url, worker=self.name, attempts=attempt))
         workflow = Workflow(Path(message.get("workflow_name", "workflow.json")), message["workflow"],
                             message.get("workflow_digest", ""))
 
