@@ -151,8 +151,10 @@ def add_fleet_parsers(sub) -> None:
     store_flags(submit)
 
     status = sub.add_parser("status", formatter_class=_DefaultsShown, help="a submitted batch's progress",
-                            description="queued / running / done / failed, per worker. With --wait, follow it to the "
-                                        "end, then write the manifest. Exit status: 0 all done, 1 some failed.")
+                            description="queued / running / done / failed, per worker, from the batch's records in "
+                                        "the store (the broker, when known, adds the queue's length). With --wait, "
+                                        "follow it to the end, then write the manifest. Exit status: 0 all done, "
+                                        "1 some failed.")
     status.add_argument("batch", metavar="BATCH", help="the s3:// URI that submit printed")
     status.add_argument("--wait", action="store_true", help="follow the batch until every job has finished")
     status.add_argument("--json", action="store_true", help="JSON lines instead of text and a progress bar")

@@ -111,16 +111,21 @@ class Worker:
             raise
         except Exception as exc:  # noqa: BLE001 (recorded below)
             error = f"{type(exc).__name__}: {exc}"
-            retries = int(message.get("retries", 2))
-            if task.request.retries < retries:
-                delay = min(float(message.get("backoff_s", 5.0)) * 2 ** task.request.retries, 300.0)
-                log.warning("job %s: %s; retrying in %g s", message["job"]["id"], error, delay)
-                raise task.retry(countdown=delay, max_retries=retries) from None
+            self.retry_if_allowed(task, message, error)
             job = Job.from_message(message["job"])
             record = make_record(job, "failed", server=self.server.url, worker=self.name,
                                  attempts=task.request.retries + 1, error=f"{error} (gave up after retries)")
             BatchStore(self.s3, message["batch"]).write_record(record)  # if this fails too, the broker keeps the job
             return record
+
+    @staticmethod
+    def retry_if_allowed(task, message: dict, error: str) -> None:
+        """Raise Celery's Retry (backoff 5 s, doubling, at most 300 s) while the job has retries left."""
+        retries = int(message.get("retries", 2))
+        if task.request.retries < retries:
+            delay = min(float(message.get("backoff_s", 5.0)) * 2 ** task.request.retries, 300.0)
+            log.warning("job %s: %s; retrying in %g s", message["job"]["id"], error, delay)
+            raise task.retry(countdown=delay, max_retries=retries)
 
     def run(self, task, message: dict) -> dict:
         """The Celery task body. Returns the job's record; raises Retry (transient) or Reject (ComfyUI down)."""
@@ -167,11 +172,8 @@ class Worker:
             return self._store(job, store, workflow, outcome, attempt, (started, inputs_done, comfyui_done))
         if outcome.status == "lost":
             self.set_consuming(self.server.alive(), outcome.error)
-        retries = int(message.get("retries", 2))
-        if outcome.transient and task.request.retries < retries:
-            delay = min(float(message.get("backoff_s", 5.0)) * 2 ** task.request.retries, 300.0)
-            log.warning("job %s: %s; retrying in %g s", job.id, outcome.error, delay)
-            raise task.retry(countdown=delay, max_retries=retries)
+        if outcome.transient:
+            self.retry_if_allowed(task, message, outcome.error)
         suffix = f" (gave up after {attempt} attempts)" if outcome.transient else ""
         return failed(outcome.error + suffix, outcome.prompt_id or None)
 
