@@ -136,9 +136,13 @@ class SonicLipSyncCalibrate:
         if mode != "manual":
             box = face_box_in_video(face_box, predata)
             if box is None:
-                from ..sonic.face import DlibFaceDetector, largest_face
+                from ..sonic.face import DlibFaceDetector, NoFaceError, largest_face
 
-                box = largest_face(DlibFaceDetector(), next(read())[0])[:4]
+                try:
+                    box = largest_face(DlibFaceDetector(), next(read())[0], "the video's first frame")[:4]
+                except NoFaceError as exc:
+                    raise exc.with_hint("connect predata, or type the face box into the face_box widget as "
+                                        "x,y,w,h (video pixels)") from None
         correction, shifted = lipsync.calibrate(
             comfy.watched(read(), comfy.progress_bar(count)) if mode != "manual" else None, fps, waveform, rate, box,
             mode=mode, manual_s=lip_sync_offset, search_s=search_range, tolerance_s=tolerance,

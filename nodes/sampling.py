@@ -110,6 +110,7 @@ class SonicPreDataNode:
     def prepare(self, sonic_model, image, audio, min_resolution=512, duration=0.0, crop=False, expand_ratio=0.5,
                 face_box=""):
         from ..sonic.audio import SAMPLE_RATE
+        from ..sonic.face import NoFaceError
         from ..sonic.params import PrepareOptions
         from ..sonic.pipeline import load_speech, locate_face, prepare
 
@@ -122,7 +123,11 @@ class SonicPreDataNode:
         key = (hashlib.sha256(pil.tobytes()).hexdigest(), pil.size, options.face_box, crop, expand_ratio, detector)
         located = _FACE_CACHE.get(key)
         if located is None:
-            located = locate_face(models, pil, options)
+            try:
+                located = locate_face(models, pil, options)
+            except NoFaceError as exc:
+                raise exc.with_hint("type the face box into Sonic PreData's face_box widget as x,y,w,h "
+                                    "(pixels of the photo)") from None
             _FACE_CACHE[key] = located
             while len(_FACE_CACHE) > _FACE_CACHE_SIZE:
                 _FACE_CACHE.popitem(last=False)

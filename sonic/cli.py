@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sonic" if _as_module() else "sonic-portrait", description="Sonic talking-head video generation")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="portrait + speech -> MP4")
+    gen = sub.add_parser("generate", help="portrait + speech -> MP4", formatter_class=_DefaultsShown)
     gen.add_argument("--models", required=True, type=Path, help="models folder (official layout, see README)")
     gen.add_argument("--image", required=True, type=Path, help="portrait photo")
     gen.add_argument("--audio", required=True, type=Path, help="speech (wav, mp3, flac, m4a/aac, ogg)")
@@ -54,13 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--face-box", type=_face_box, help="X,Y,W,H of the face in pixels (skips detection)")
     gen.add_argument("--duration", type=_duration, default=None, help="seconds, or 'auto' for the whole audio")
     gen.add_argument("--steps", type=int, default=d_samp.inference_steps, help="denoising steps")
-    gen.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    gen.add_argument("--seed", type=int, default=DEFAULT_SEED, help="noise seed (the value is the official demo's)")
     gen.add_argument("--dynamic-scale", type=float, default=d_samp.dynamic_scale, help="motion strength (both buckets)")
     gen.add_argument("--motion-scale", type=float, default=d_samp.motion_scale, help="extra head-motion factor")
     gen.add_argument("--ip-audio-scale", type=float, default=d_samp.ip_audio_scale, help="audio attention strength")
-    gen.add_argument("--min-appearance-guidance", type=float, default=d_samp.min_appearance_guidance)
-    gen.add_argument("--max-appearance-guidance", type=float, default=d_samp.max_appearance_guidance)
-    gen.add_argument("--audio-guidance", type=float, default=d_samp.audio_guidance)
+    gen.add_argument("--min-appearance-guidance", type=float, default=d_samp.min_appearance_guidance,
+                     help="faithfulness to the portrait, first step")
+    gen.add_argument("--max-appearance-guidance", type=float, default=d_samp.max_appearance_guidance,
+                     help="faithfulness to the portrait, last step")
+    gen.add_argument("--audio-guidance", type=float, default=d_samp.audio_guidance, help="lip-sync strength")
     gen.add_argument("--shift-offset", type=int, default=d_samp.shift_offset, help="window shift per step (frames)")
     gen.add_argument("--windows-per-call", type=int, default=d_samp.windows_per_call, help="windows per UNet call")
     gen.add_argument("--no-interpolation", action="store_true", help="skip RIFE: 12.5 fps output")
@@ -75,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--noise", type=Path, help="safetensors file with 'noise.latents' [1, F, 4, h, w]")
     gen.add_argument("--dump", type=Path, help="write final_latents / video_before_interp / video_final here")
 
-    sync = sub.add_parser("lipsync", help="measure a video's lip-sync offset; prints one JSON line")
+    sync = sub.add_parser("lipsync", help="measure a video's lip-sync offset; prints one JSON line",
+                          formatter_class=_DefaultsShown)
     sync.add_argument("--video", required=True, type=Path, help="the talking-head video (MP4, MOV, MKV, WebM)")
     sync.add_argument("--audio", type=Path, help="sound track to measure against (default: the video's own)")
     sync.add_argument("--face-box", type=_face_box, help="X,Y,W,H of the face in video pixels (default: detected "
@@ -86,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_parser(sub)
     add_fleet_parsers(sub)
 
-    conv = sub.add_parser("convert", help="write .safetensors twins of the pickled Sonic and RIFE weights")
+    conv = sub.add_parser("convert", help="write .safetensors twins of the pickled Sonic and RIFE weights",
+                          formatter_class=_DefaultsShown)
     conv.add_argument("--models", required=True, type=Path)
     conv.add_argument("--overwrite", action="store_true")
     return parser
@@ -221,14 +227,26 @@ def run_batch(args: argparse.Namespace) -> int:
                         check=args.check))
 
 
-def generate(args: argparse.Namespace) -> Path:
-    import torch
-    from tqdm import tqdm
+FLAGS = {"inference_steps": "--steps", "min_resolution": "--min-resolution", "expand_ratio": "--expand-ratio",
+         "face_box": "--face-box", "duration": "--duration", "seed": "--seed", "dynamic_scale": "--dynamic-scale",
+         "motion_scale": "--motion-scale", "ip_audio_scale": "--ip-audio-scale",
+         "min_appearance_guidance": "--min-appearance-guidance", "max_appearance_guidance": "--max-appearance-guidance",
+         "audio_guidance": "--audio-guidance", "shift_offset": "--shift-offset", "windows_per_call": "--windows-per-call"}
 
-    from . import pipeline
-    from .loader import load_models
-    from .video_io import write_mp4
 
+@contextlib.contextmanager
+def flag_names():
+    """Errors of the engine's option checks name the command-line flag (`--steps`, not `inference_steps`)."""
+    try:
+        yield
+    except ValueError as exc:
+        message = str(exc)
+        for field, flag in FLAGS.items():
+            message = re.sub(rf"\b{field}\b", flag, message)
+        raise ValueError(message) from None
+
+
+def _options(args: argparse.Namespace) -> tuple[PrepareOptions, SampleOptions]:
     prep = PrepareOptions(min_resolution=args.min_resolution, crop=args.crop, expand_ratio=args.expand_ratio,
                           face_box=args.face_box, duration=args.duration)
     opts = SampleOptions(inference_steps=args.steps, seed=args.seed, dynamic_scale=args.dynamic_scale,
@@ -237,12 +255,26 @@ def generate(args: argparse.Namespace) -> Path:
                          max_appearance_guidance=args.max_appearance_guidance, audio_guidance=args.audio_guidance,
                          shift_offset=args.shift_offset, windows_per_call=args.windows_per_call,
                          interpolation=not args.no_interpolation)
+    return prep, opts
+
+
+def generate(args: argparse.Namespace) -> Path:
+    import torch
+    from tqdm import tqdm
+
+    from . import pipeline
+    from .loader import load_models
+    from .video_io import write_mp4
+
+    with flag_names():
+        prep, opts = _options(args)
     if args.out.suffix.lower() != ".mp4":
         raise ValueError(f"--out must end in .mp4, got {args.out}")
     if not args.out.parent.is_dir():
         raise FileNotFoundError(f"output folder {args.out.parent} does not exist")
     # Read the inputs before loading any model, so that bad files fail in a second.
     from .audio import SAMPLE_RATE, load_audio
+    from .face import NoFaceError
     from .image import load_image
 
     image = load_image(args.image)
@@ -257,7 +289,15 @@ def generate(args: argparse.Namespace) -> Path:
 
     models = load_models(args.models, args.device, args.dtype, interpolation=opts.interpolation,
                          face_detector="none" if args.face_box else args.face_detector)
-    cond = pipeline.prepare(models, image, speech, prep)
+    try:
+        cond = pipeline.prepare(models, image, speech, prep)
+    except NoFaceError as exc:
+        raise exc.with_hint("give the face box with --face-box X,Y,W,H (pixels of the photo)") from None
+    rounded = cond.size
+    if abs(rounded[0] / rounded[1] - image.width / image.height) > 0.01 * image.width / image.height and not args.crop:
+        print(f"note: the {image.width}x{image.height} photo becomes a {rounded[0]}x{rounded[1]} video (sides are "
+              "multiples of 64), which changes its proportions; crop the photo to that shape to keep them",
+              file=sys.stderr)
     with tqdm(total=1, desc="sampling", unit="call") as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -307,10 +347,13 @@ def lipsync(args: argparse.Namespace) -> dict:
     waveform, rate = read_audio(audio_path)
     box = args.face_box
     if box is None:
-        from .face import DlibFaceDetector, largest_face
+        from .face import DlibFaceDetector, NoFaceError, largest_face
 
         first = next(chunks)
-        box = largest_face(DlibFaceDetector(), first[0])[:4]
+        try:
+            box = largest_face(DlibFaceDetector(), first[0], "the video's first frame")[:4]
+        except NoFaceError as exc:
+            raise exc.with_hint("give the face box with --face-box X,Y,W,H (video pixels)") from None
         chunks = itertools.chain([first], chunks)
     estimate = sync.measure(chunks, fps, sync.mono(waveform), rate, box, args.search_range, track=not args.no_track)
     # a sound track that starts later than the picture is already delayed by the difference
@@ -340,4 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the MP4 writer has removed its temporary file on the way out
+        print("cancelled", file=sys.stderr)
+        return 130
     return 0

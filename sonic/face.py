@@ -23,7 +23,16 @@ FaceBox = tuple[float, float, float, float]  # x, y, w, h in pixels
 
 
 class NoFaceError(ValueError):
-    """No face was found in the portrait."""
+    """No face was found. `with_hint` lets each front end say how its user gives the box (a flag, a widget)."""
+
+    def __init__(self, subject: str, width: int, height: int, detector: str,
+                 hint: str = "give the face box yourself (x, y, w, h)"):
+        self.subject, self.width, self.height, self.detector = subject, width, height, detector
+        super().__init__(f"no face found in {subject} ({width}x{height}, detector {detector}); use a picture with a "
+                         f"clearly visible frontal face, or {hint}")
+
+    def with_hint(self, hint: str) -> "NoFaceError":
+        return NoFaceError(self.subject, self.width, self.height, self.detector, hint)
 
 
 class YoloFaceDetector:
@@ -127,13 +136,11 @@ def make_face_detector(kind: str, yolo_path: Path, device: torch.device):
     raise ValueError(f"face detector {kind!r} is not one of auto, yolo, dlib, none")
 
 
-def largest_face(detector, rgb: np.ndarray) -> FaceBox:
+def largest_face(detector, rgb: np.ndarray, subject: str = "the portrait") -> FaceBox:
+    """The largest face's box; NoFaceError names what was searched (`subject`)."""
     faces = detector.detect(rgb)
     if not faces:
-        raise NoFaceError(
-            f"no face found in the portrait ({rgb.shape[1]}x{rgb.shape[0]}, detector {detector.name}); use a photo "
-            "with a clearly visible frontal face, or give the face box yourself (x, y, w, h)"
-        )
+        raise NoFaceError(subject, rgb.shape[1], rgb.shape[0], detector.name)
     x, y, w, h, _ = max(faces, key=lambda f: f[2] * f[3])
     return (x, y, w, h)
 

@@ -88,8 +88,10 @@ def load_vae(layout: ModelLayout, device: torch.device, dtype: torch.dtype):
     folder = layout.svd / "vae"
     variant = _pretrained_variant(folder, "diffusion_pytorch_model", dtype != torch.float32)
     # The official pipeline runs the VAE in the compute dtype and ignores `force_upcast` (spec §1.2).
+    # low_cpu_mem_usage=False: the VAE is small (0.2 GB), and diffusers' default wants `accelerate` and prints five
+    # lines on every load when it is missing
     vae = AutoencoderKLTemporalDecoder.from_pretrained(
-        folder, variant=variant, local_files_only=True, torch_dtype=dtype
+        folder, variant=variant, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False
     )
     return DiffusersVAE(vae.to(device=device).eval().requires_grad_(False))
 

@@ -93,8 +93,51 @@ def _args(tiny_dir, tmp_path, image=None, audio=None, models=None):
 def test_no_face_found(tiny_dir, tmp_path, capsys):
     blank = tmp_path / "wall.png"
     Image.fromarray(np.full((256, 256, 3), 200, np.uint8)).save(blank)
-    assert "no face found" in _error_of(capsys, *_args(tiny_dir, tmp_path, image=blank))
+    err = _error_of(capsys, *_args(tiny_dir, tmp_path, image=blank))
+    assert "no face found in the portrait" in err and "--face-box X,Y,W,H" in err  # the flag that fixes it
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_option_errors_name_the_flag(tiny_dir, tmp_path, capsys):
+    args = _args(tiny_dir, tmp_path)
+    args[args.index("--steps") + 1] = "0"
+    assert "--steps must be between 1 and 1000, got 0" in _error_of(capsys, *args)
+    assert "--expand-ratio must be between" in _error_of(capsys, *_args(tiny_dir, tmp_path), "--expand-ratio", "9")
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "denoising steps (default: 25)" in text and "(default: 72589)" in text and "(default: 18)" in text
+
+
+def test_ctrl_c_is_one_line_and_leaves_nothing(tiny_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "o.mp4"
+    process = subprocess.Popen([sys.executable, "-m", "sonic", "generate", *_args(tiny_dir, tmp_path)[:-4],
+                                "--steps", "200", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 300
+    seen = ""
+    while "sampling" not in seen:  # the tqdm bar of the denoising loop is on stderr
+        seen += process.stderr.read(1)
+        assert time.time() < deadline and process.poll() is None, seen
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1] == "cancelled" and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no MP4, no temporary file
+
+
+def test_a_changed_aspect_is_said_in_one_line(tiny_dir, tmp_path):
+    result = _run(tiny_dir, tmp_path / "o.mp4", "--steps", "1", "--duration", "1", "--face-box", "37,37,76,76")
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert notes == ["note: the 144x256 photo becomes a 128x256 video (sides are multiples of 64), which changes its "
+                     "proportions; crop the photo to that shape to keep them"]
 
 
 def test_unreadable_image(tiny_dir, tmp_path, capsys):
@@ -134,3 +177,15 @@ def test_convert_command(tiny_dir, tmp_path, capsys):
     assert "unet.safetensors" in capsys.readouterr().out
     assert main(["convert", "--models", str(models)]) == 0
     assert "nothing to convert" in capsys.readouterr().out
+
+
+def test_lipsync_without_a_face_names_the_frame_and_the_flag(tmp_path, capsys):
+    import imageio_ffmpeg
+
+    video = tmp_path / "wall.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "color=gray:s=128x128:d=1",
+                    "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-shortest", "-c:v", "libx264", "-c:a", "aac",
+                    str(video)], check=True)
+    assert main(["lipsync", "--video", str(video)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no face found in the video's first frame") and "--face-box X,Y,W,H" in err

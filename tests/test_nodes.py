@@ -133,7 +133,7 @@ def test_predata_errors_are_actionable(comfy_env):
     with pytest.raises(ValueError, match="face_box"):
         node.prepare(model, image, audio, face_box="1,2,3")
     blank = torch.full((1, 128, 128, 3), 0.5)
-    with pytest.raises(ValueError, match="no face found"):
+    with pytest.raises(ValueError, match="no face found in the portrait.*Sonic PreData's face_box widget"):
         node.prepare(model, blank, audio, min_resolution=128)
 
 
