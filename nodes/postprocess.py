@@ -14,7 +14,7 @@ class SonicSmoothMotion:
     RETURN_TYPES = ("IMAGE", "SONIC_FRAMES")
     RETURN_NAMES = ("images", "frames")
     OUTPUT_TOOLTIPS = ("Smoothed frames as an IMAGE batch (one preview frame when a frames file came in).",
-                       "Smoothed frames file (when a frames file came in), for Sonic Video Encode.")
+                       "Smoothed frames file (only when a frames file came in; None for IMAGE input), for Sonic Video Encode.")
     FUNCTION = "smooth"
 
     @classmethod
@@ -45,15 +45,20 @@ class SonicSmoothMotion:
         if region != "frame" and box is None:
             raise ValueError(f"region '{region}' needs the face: connect predata or give face_box, or use region 'frame'")
         count, height, width, read = video_source(images, frames, "Sonic Smooth Motion")
+        # the frames file carries its fps; IMAGE input has none here, so no frames file comes out for it (one
+        # stamped with a guessed rate would override the fps the next node is given)
         fps = frames.fps if frames is not None else 25.0
         out = FrameStore(height, width, count, fps, folder=comfy.folder_paths().get_temp_directory())
         for chunk in comfy.watched(smooth_video(read, height, width, alpha, region, box), comfy.progress_bar(count)):
             out.append(chunk)
         out.flush()
         _, _, intermediate = comfy.devices()
-        result = out.images() if frames is None else out.images(0, 1)
-        handle = SonicFrames(store=out, audio=frames.audio if frames is not None else None, fps=fps)
-        return (result.to(intermediate, torch.float32), handle)
+        if frames is None:
+            result = out.images()
+            out.close()
+            return (result.to(intermediate, torch.float32), None)
+        handle = SonicFrames(store=out, audio=frames.audio, fps=fps)
+        return (out.images(0, 1).to(intermediate, torch.float32), handle)
 
 
 def face_box_in_video(face_box: str, predata):

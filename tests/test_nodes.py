@@ -354,6 +354,7 @@ def test_smooth_motion_node_on_images_and_frames_file(comfy_env):
     images = torch.from_numpy(clip).float() / 255
     node = _node(comfy_env, "SonicSmoothMotion")
     smoothed, handle = node.smooth(alpha=0.2, region="face", images=images, face_box="40,0,120,160")
+    assert handle is None  # IMAGE in: no frames file (it would carry a guessed fps)
     weights = region_weights(256, 256, "frame")
 
     def jitter_px(frames_u8):
@@ -369,7 +370,7 @@ def test_smooth_motion_node_on_images_and_frames_file(comfy_env):
     frames = pack.nodes.sampling.SonicFrames(store=store, audio=None, fps=25.0)
     preview, from_file = node.smooth(alpha=0.2, region="face", frames=frames, face_box="40,0,120,160")
     assert preview.shape[0] == 1 and len(from_file.store) == 40
-    np.testing.assert_array_equal(from_file.store.uint8(), handle.store.uint8())
+    np.testing.assert_array_equal(from_file.store.uint8(), (smoothed.numpy() * 255).round().astype(np.uint8))
     with pytest.raises(ValueError, match="needs the face"):
         node.smooth(region="face", images=images)
 
@@ -427,3 +428,17 @@ def test_lip_sync_node_on_images_and_frames_file(comfy_env, espeak, caplog):
         node.calibrate(audio=audio)
     with pytest.raises(ValueError, match="connect the audio"):
         node.calibrate(images=images)
+
+
+def test_smoothed_images_keep_their_fps_through_lip_sync(comfy_env, espeak):
+    """12.5 fps video (interpolation off) through Smooth Motion then Lip-Sync Calibrate is measured at 12.5 fps."""
+    speech = espeak.synthesize(espeak.SENTENCES[0])
+    clip = espeak.talking_clip(speech, 12.5, 0.16)  # the picture is 160 ms late
+    images = torch.from_numpy(clip).float() / 255
+    audio = {"waveform": torch.from_numpy(speech.samples)[None, None], "sample_rate": speech.sample_rate}
+    box = ",".join(str(v) for v in espeak.FACE_BOX)
+    smoothed, handle = _node(comfy_env, "SonicSmoothMotion").smooth(alpha=1.0, region="frame", images=images)
+    out = _node(comfy_env, "SonicLipSyncCalibrate").calibrate(mode="auto", fps=12.5, images=smoothed, frames=handle,
+                                                             audio=audio, face_box=box)
+    offset, confidence = out["result"][3:]
+    assert offset == pytest.approx(0.16, abs=0.02) and confidence > 0.4
