@@ -157,35 +157,38 @@ def write_mp4(
     duration = num_frames / rate
     out_w, out_h = width + width % 2, height + height % 2
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial.mp4")
-    workdir = tempfile.mkdtemp(prefix="sonic-")
-    tags = {"comment": PROVENANCE, "ai_generated": "true", **(metadata or {})}
-    cmd = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
-           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{out_w}x{out_h}", "-framerate", str(rate), "-i", "pipe:0",
-           "-f", "ffmetadata", "-i", _write_ffmetadata(tags, workdir)]
-    maps = ["-map", "0:v:0", "-map_metadata", "1"]
-    video_filters = []
-    if audio is not None:
+    if audio is not None:  # checked before anything is written (NaN, empty)
         samples, sample_rate = _audio_samples(audio)
         samples = fit_audio(samples, sample_rate, float(duration), audio_policy)
-        audio_file = os.path.join(workdir, "audio.wav")
-        import soundfile
-
-        soundfile.write(audio_file, samples.T, sample_rate, subtype="FLOAT")
-        cmd += ["-i", audio_file]
-        maps += ["-map", "2:a:0", "-c:a", "aac", "-b:a", "192k"]
-        audio_seconds = samples.shape[-1] / sample_rate
-        if audio_policy == "keep" and audio_seconds > duration:  # hold the last frame under the rest of the audio
-            video_filters.append(f"tpad=stop_mode=clone:stop_duration={audio_seconds - float(duration):.6f}")
-    cmd += maps
-    if video_filters:
-        cmd += ["-vf", ",".join(video_filters)]
-    cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(int(crf)), "-preset", preset, "-r", str(rate),
-            "-movflags", "+faststart+use_metadata_tags", "-f", "mp4", str(tmp)]
-    log_path = os.path.join(workdir, "ffmpeg.log")  # a file, not a pipe: a full pipe would stall ffmpeg
-    log_file = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=log_file)
-    written = 0
+    # the work folder holds the metadata (prompt, workflow): it goes whatever happens from here on
+    workdir = tempfile.mkdtemp(prefix="sonic-")
+    proc = log_file = None
     try:
+        tags = {"comment": PROVENANCE, "ai_generated": "true", **(metadata or {})}
+        cmd = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{out_w}x{out_h}", "-framerate", str(rate), "-i", "pipe:0",
+               "-f", "ffmetadata", "-i", _write_ffmetadata(tags, workdir)]
+        maps = ["-map", "0:v:0", "-map_metadata", "1"]
+        video_filters = []
+        if audio is not None:
+            audio_file = os.path.join(workdir, "audio.wav")
+            import soundfile
+
+            soundfile.write(audio_file, samples.T, sample_rate, subtype="FLOAT")
+            cmd += ["-i", audio_file]
+            maps += ["-map", "2:a:0", "-c:a", "aac", "-b:a", "192k"]
+            audio_seconds = samples.shape[-1] / sample_rate
+            if audio_policy == "keep" and audio_seconds > duration:  # hold the last frame under the rest of the audio
+                video_filters.append(f"tpad=stop_mode=clone:stop_duration={audio_seconds - float(duration):.6f}")
+        cmd += maps
+        if video_filters:
+            cmd += ["-vf", ",".join(video_filters)]
+        cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(int(crf)), "-preset", preset, "-r", str(rate),
+                "-movflags", "+faststart+use_metadata_tags", "-f", "mp4", str(tmp)]
+        log_path = os.path.join(workdir, "ffmpeg.log")  # a file, not a pipe: a full pipe would stall ffmpeg
+        log_file = open(log_path, "wb")
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=log_file)
+        written = 0
         try:
             for chunk in frames:
                 chunk = _prepare_chunk(chunk, width, height, watermark)
@@ -204,10 +207,11 @@ def write_mp4(
             raise RuntimeError(f"expected {num_frames} frames for {path} but got {written}")
         os.replace(tmp, path)
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
         tmp.unlink(missing_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
     return path

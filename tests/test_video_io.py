@@ -116,3 +116,19 @@ def test_unwritable_folder_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(video_io.os, "access", lambda path, mode: False)  # tests run as root: simulate
     with pytest.raises(PermissionError, match="not writable"):
         write_mp4(tmp_path / "x.mp4", [gradient(1, 32, 32)], 25, 32, 32, 1)
+
+
+def test_failures_before_encoding_leave_no_work_folder(tmp_path, monkeypatch):
+    """The work folder holds the prompt and workflow (ffmetadata): it must not outlive a failed call."""
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    nan_audio = (np.full(16000, np.nan, np.float32), 16000)
+    with pytest.raises(ValueError, match="NaN"):
+        write_mp4(tmp_path / "n.mp4", [gradient(1, 32, 32)], 25, 32, 32, 1, audio=nan_audio, metadata={"prompt": "{}"})
+    monkeypatch.setattr(video_io, "ffmpeg_exe", lambda: str(tmp_path / "no-such-ffmpeg"))
+    with pytest.raises(OSError):
+        write_mp4(tmp_path / "f.mp4", [gradient(1, 32, 32)], 25, 32, 32, 1, metadata={"prompt": "{}"})
+    assert list(scratch.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["scratch"]
