@@ -6,6 +6,7 @@ SVD's VAE and CLIP image encoder come either from the folder's diffusers copy or
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,11 @@ class SonicModel:
     rife_patcher: Any
     root: Path
 
+    def with_svd(self, vae, clip_vision) -> "SonicModel":
+        """The same Sonic networks with ComfyUI's VAE and CLIP_VISION (nothing heavy is copied)."""
+        models = dataclasses.replace(self.models, vae=ComfyVAE(vae), image_encoder=ComfyImageEncoder(clip_vision))
+        return dataclasses.replace(self, models=models)
+
     def load(self, *stages: str) -> None:
         """Bring the modules of the named stages ('audio', 'image', 'unet', 'rife') onto the compute device."""
         wanted = {"audio": [self.audio_patcher], "image": self.image_patchers, "unet": [self.unet_patcher],
@@ -88,7 +94,19 @@ def _resolve_dtype(choice: str, device):
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
 
 
-_CACHE: dict = {}
+_CACHE: dict = {}  # one Sonic at a time, keyed by what its files are (never by the VAE/CLIP objects passed in)
+
+
+class _FromComfyUI:
+    """Stands in for the VAE / CLIP image encoder in the cached Sonic when ComfyUI supplies them per run."""
+
+    def __getattr__(self, name):
+        raise RuntimeError("connect vae and clip_vision to Sonic Model Loader")
+
+
+def _file_identity(path: Path) -> tuple:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 class SonicModelLoader:
@@ -133,24 +151,26 @@ class SonicModelLoader:
         if (vae is None) != (clip_vision is None):
             raise ValueError("connect both vae and clip_vision (from the same SVD checkpoint), or neither to use "
                              "the diffusers SVD folder in models/sonic")
-        key = (str(root), dtype, interpolation, face_detector, id(vae), id(clip_vision))
+        external = vae is not None
+        # a re-run upstream loader gives new VAE objects for the same files: that must not reload the 6 GB UNet
+        key = (_file_identity(unet_path), dtype, interpolation, face_detector, external)
         if key not in _CACHE:
-            _CACHE.clear()  # one Sonic at a time: a second copy would only waste memory
-            _CACHE[key] = self._build(root, dtype, interpolation, face_detector, vae, clip_vision)
-        return (_CACHE[key],)
+            _CACHE.clear()  # release the previous Sonic before loading another: two would only waste memory
+            _CACHE[key] = self._build(root, dtype, interpolation, face_detector, external)
+        sonic = _CACHE[key]
+        return (sonic.with_svd(vae, clip_vision) if external else sonic,)
 
     @staticmethod
-    def _build(root, dtype, interpolation, face_detector, vae, clip_vision) -> SonicModel:
+    def _build(root, dtype, interpolation, face_detector, external: bool) -> SonicModel:
         import torch
 
         from ..sonic.loader import load_models
 
         device, offload, _ = comfy.devices()
         compute_dtype = _resolve_dtype(dtype, device)
-        external = vae is not None
         models = load_models(root, device=offload, dtype=compute_dtype, interpolation=interpolation,
-                             face_detector=face_detector, vae=ComfyVAE(vae) if external else None,
-                             image_encoder=ComfyImageEncoder(clip_vision) if external else None)
+                             face_detector=face_detector, vae=_FromComfyUI() if external else None,
+                             image_encoder=_FromComfyUI() if external else None)
         models.device = device  # where the stages run; the patchers move the weights there
         if models.face_detector is not None and hasattr(models.face_detector, "net"):
             models.face_detector.device = offload  # the TorchScript detector is small: it stays off the GPU

@@ -116,7 +116,6 @@ def test_ctrl_c_is_one_line_and_leaves_nothing(tiny_dir, tmp_path):
     import signal
     import time
 
-    out = tmp_path / "o.mp4"
     process = subprocess.Popen([sys.executable, "-m", "sonic", "generate", *_args(tiny_dir, tmp_path)[:-4],
                                 "--steps", "200", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)

@@ -269,6 +269,33 @@ def test_comfyui_vae_and_clip_vision_give_the_official_conditioning(comfy_env):
         torch.testing.assert_close(external.models.vae.decode(z), native.models.vae.decode(z), rtol=1e-5, atol=1e-6)
 
 
+def test_model_cache_is_keyed_by_files_not_by_vae_objects(comfy_env):
+    import gc
+    import weakref
+
+    native = _model(comfy_env)
+    loader = _node(comfy_env, "SonicModelLoader")
+    vae = _ComfyStyleVAE(native.models.vae.model)
+    first = loader.load("Sonic/unet.pth", dtype="fp32", vae=vae,
+                        clip_vision=_ComfyStyleClipVision(native.models.image_encoder.model))[0]
+    # the upstream checkpoint loader ran again: new VAE / CLIP_VISION objects for the same files
+    second = loader.load("Sonic/unet.pth", dtype="fp32", vae=_ComfyStyleVAE(native.models.vae.model),
+                         clip_vision=_ComfyStyleClipVision(native.models.image_encoder.model))[0]
+    assert second.models.unet is first.models.unet and second.unet_patcher is first.unet_patcher  # not reloaded
+    assert second.models.vae.vae is not vae
+    gone = weakref.ref(vae)
+    del first, vae
+    gc.collect()
+    assert gone() is None  # the cache holds no VAE that ComfyUI replaced
+    cache = comfy_env["pack"].nodes.model._CACHE
+    key = next(iter(cache))
+    changed = (key[0][0], key[0][1], key[0][2] + 1)  # as if the file had been replaced
+    cache[(changed, *key[1:])] = cache.pop(key)
+    third = loader.load("Sonic/unet.pth", dtype="fp32", vae=second.models.vae.vae,
+                        clip_vision=second.models.image_encoder.clip_vision)[0]
+    assert third.models.unet is not second.models.unet and len(cache) == 1  # a changed file is loaded again
+
+
 def test_sonic_model_folder_merges_with_user_paths(comfy_env, tmp_path):
     """A `sonic:` path from extra_model_paths.yaml stays first; models/sonic is added after it."""
     import folder_paths
