@@ -364,6 +364,9 @@ def test_video_encode_metadata_and_bad_frames(comfy_env):
         node.encode(25.0, images=torch.zeros(0, 32, 32, 3))
     with pytest.raises(ValueError, match="empty"):
         node.encode(25.0, images=frames, audio={"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000})
+    with pytest.raises(ValueError, match="NaN or infinite samples"):  # broken audio from an upstream node
+        node.encode(25.0, filename_prefix="meta/nan", images=frames,
+                    audio={"waveform": torch.full((1, 1, 16000), float("nan")), "sample_rate": 16000})
     assert sorted(p.name for p in (comfy_env["base"] / "output" / "meta").iterdir()) == ["clip_00001_.mp4"]
 
 
