@@ -85,7 +85,7 @@ Models: Sonic's files in models/sonic (see the pack's README)."""
 TEMPLATES = {
     "sonic_quick_512": template(
         "Sonic - quick 512 preview",
-        "Quick preview at 512 px with 15 steps: pick a portrait and a speech recording, press Queue.\n\n" + KNOBS,
+        "Quick preview at 512 px with 15 steps: pick a portrait and a speech recording, press Run.\n\n" + KNOBS,
         steps=15, crf=23, prefix="Sonic/preview"),
     "sonic_hq_1024": template(
         "Sonic - 1024 high quality",
