@@ -62,7 +62,6 @@ class Lane:
     server: ComfyServer
     up: bool = True
     ours: int = 0  # prompts of this batch queued or running there
-    down_since: float = 0.0
     next_probe: float = 0.0
     last_used: float = 0.0
     uploads: dict = field(default_factory=dict)  # input sha256 -> name in the server's input folder
@@ -173,7 +172,7 @@ class Batch:
             try:
                 info = lane.server.object_info()
             except (ServerUnreachable, urllib.error.HTTPError, ValueError) as exc:
-                lane.up, lane.down_since = False, time.monotonic()  # asked again while the batch runs
+                lane.up = False  # asked again while the batch runs
                 problems.append(f"{lane.url}: not answering ({exc})")
                 usable.append(lane)
                 continue
@@ -398,7 +397,7 @@ class Batch:
 
     def _down(self, lane: Lane, reason: str) -> None:
         if lane.up:
-            lane.up, lane.down_since, lane.next_probe = False, time.monotonic(), time.monotonic() + PROBE_S
+            lane.up, lane.next_probe = False, time.monotonic() + PROBE_S
             self.events.emit("server_down", server=lane.url, error=reason)
 
     def _failed_attempt(self, task: Task, outcome: Outcome, pending: list[Task]) -> None:
