@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--search-range", type=float, default=0.4, help="largest offset searched, seconds either way")
     sync.add_argument("--no-track", action="store_true", help="do not follow head motion (fixed mouth region)")
 
+    dl = sub.add_parser(
+        "download", formatter_class=_DefaultsShown, help="fetch the model files into the README's layout, verified",
+        description="Download the model files from the Hugging Face Hub (HF_ENDPOINT and HF_TOKEN honoured) into "
+                    "the README's layout, check each against the hub's size and hash and every component against "
+                    "Sonic's networks. Files already there are not fetched again.")
+    dl.add_argument("--models", required=True, type=Path, help="models folder to fill (e.g. ComfyUI/models/sonic)")
+    dl.add_argument("--only", action="append", metavar="PART", help="only these components, comma separated or "
+                    "repeated: sonic, whisper, svd, rife, yolo (default: all; with ComfyUI's SVD checkpoint "
+                    "connected to the loader, svd is not needed)")
+    dl.add_argument("--fp16", action="store_true", help="SVD's half-precision VAE and CLIP files (half the size; "
+                    "what GPUs compute in anyway)")
+
     add_batch_parser(sub)
     add_fleet_parsers(sub)
 
@@ -363,6 +375,24 @@ def lipsync(args: argparse.Namespace) -> dict:
             "fps": fps, "face_box": [round(float(v), 1) for v in box]}
 
 
+def download(args: argparse.Namespace) -> None:
+    from . import download as dl
+    from .checkpoints import ModelLayout
+
+    components = dl.parse_only(args.only)
+    fetched = dl.download(args.models, components, fp16=args.fp16)
+    kept = sum(not f.downloaded for f in fetched)
+    print(f"{len(fetched) - kept} files downloaded, {kept} already there; verified: {', '.join(components)}")
+    missing = ModelLayout(args.models).missing(interpolation=True, svd_weights=True)
+    if not missing:
+        print(f"next: python -m sonic generate --models {args.models} --image PORTRAIT --audio SPEECH --out out.mp4")
+    elif not ModelLayout(args.models).missing(interpolation=True, svd_weights=False):
+        print("ready for ComfyUI with an SVD checkpoint's VAE and CLIP_VISION connected to Sonic Model Loader; "
+              "for the command line also: python -m sonic download --models " + str(args.models) + " --only svd")
+    else:
+        print("still missing: " + "; ".join(missing))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -376,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
 
             written = convert_to_safetensors(args.models, overwrite=args.overwrite)
             print("\n".join(str(p) for p in written) or "nothing to convert")
+        elif args.command == "download":
+            download(args)
         elif args.command == "lipsync":
             print(json.dumps(lipsync(args)))
         else:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import ModelLayout, load_checked, read_state_dict
+from .checkpoints import SVD_URL, WHISPER_URL, ModelLayout, load_checked, read_state_dict
 from .encoders import DiffusersVAE, TransformersImageEncoder
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,20 @@ def _pretrained_variant(folder: Path, stem: str, prefer_half: bool) -> str | Non
     return None
 
 
+def _complete(loaded, folder: Path, source: str):
+    """`from_pretrained(..., output_loading_info=True)` -> the model; a weight missing from the file (which the
+    libraries would silently fill with random numbers) or of the wrong shape is an error naming the folder."""
+    model, info = loaded
+    missing = sorted(info.get("missing_keys") or [])
+    wrong = info.get("mismatched_keys") or []
+    if missing or wrong:
+        detail = (f"{len(missing)} weights missing (e.g. {missing[0]})" if missing
+                  else f"{len(wrong)} weights of the wrong shape (e.g. {wrong[0]})")
+        raise ValueError(f"{folder} does not hold the weights its config describes: {detail}. Download the "
+                         f"folder again from {source}")
+    return model
+
+
 def load_vae(layout: ModelLayout, device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderKLTemporalDecoder
 
@@ -90,9 +104,9 @@ def load_vae(layout: ModelLayout, device: torch.device, dtype: torch.dtype):
     # The official pipeline runs the VAE in the compute dtype and ignores `force_upcast` (spec §1.2).
     # low_cpu_mem_usage=False: the VAE is small (0.2 GB), and diffusers' default wants `accelerate` and prints five
     # lines on every load when it is missing
-    vae = AutoencoderKLTemporalDecoder.from_pretrained(
-        folder, variant=variant, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False
-    )
+    vae = _complete(AutoencoderKLTemporalDecoder.from_pretrained(
+        folder, variant=variant, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False,
+        output_loading_info=True), folder, SVD_URL)
     return DiffusersVAE(vae.to(device=device).eval().requires_grad_(False))
 
 
@@ -101,7 +115,8 @@ def load_image_encoder(layout: ModelLayout, device: torch.device, dtype: torch.d
 
     folder = layout.svd / "image_encoder"
     variant = _pretrained_variant(folder, "model", dtype != torch.float32)
-    encoder = CLIPVisionModelWithProjection.from_pretrained(folder, variant=variant, local_files_only=True)
+    encoder = _complete(CLIPVisionModelWithProjection.from_pretrained(
+        folder, variant=variant, local_files_only=True, output_loading_info=True), folder, SVD_URL)
     return TransformersImageEncoder(encoder.to(device=device, dtype=dtype).eval().requires_grad_(False))
 
 
@@ -111,7 +126,8 @@ def load_whisper(layout: ModelLayout, device: torch.device):
 
     hf_logging.disable_progress_bar()
 
-    model = WhisperModel.from_pretrained(layout.whisper, local_files_only=True)
+    model = _complete(WhisperModel.from_pretrained(layout.whisper, local_files_only=True, output_loading_info=True),
+                      layout.whisper, WHISPER_URL)
     encoder = model.get_encoder().to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     extractor = WhisperFeatureExtractor.from_pretrained(layout.whisper, local_files_only=True)
     return encoder, extractor

@@ -161,6 +161,113 @@ class FileServer:
         self.server.shutdown()
 
 
+class HubServer:
+    """The Hugging Face Hub's file routes (`HEAD`/`GET /{repo}/resolve/{revision}/{path}`, ranges, the size, hash
+    and commit headers huggingface_hub reads) over local folders, on loopback. Faults on demand: `cut` = file
+    names whose first download stops at 3/4 (connection closed), `garble` = names served with flipped bytes
+    (the advertised hash stays the true one), `gated` = repositories that need
+    a token. `requests` records (method, path, Range header)."""
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, repos: dict[str, Path]):
+        import hashlib
+
+        self.repos, self.cut, self.garble, self.gated, self.requests = repos, set(), set(), set(), []
+        self._hashes: dict[Path, str] = {}
+        hub = self
+
+        def etag(path: Path) -> str:
+            if path not in hub._hashes:
+                data = path.read_bytes()
+                if path.suffix in (".json", ".txt"):  # a git file: the git blob hash, as the hub gives
+                    hub._hashes[path] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+                else:  # an LFS file: its sha256
+                    hub._hashes[path] = hashlib.sha256(data).hexdigest()
+            return hub._hashes[path]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def find(self):
+                parts = self.path.split("?")[0].lstrip("/").split("/")
+                if len(parts) < 5 or parts[2] != "resolve":
+                    return None, None
+                repo, name = "/".join(parts[:2]), "/".join(parts[4:])
+                folder = hub.repos.get(repo)
+                path = folder / name if folder is not None else None
+                if repo in hub.gated and not self.headers.get("Authorization"):
+                    self.send_response(401)
+                    self.send_header("X-Error-Code", "GatedRepo")
+                    self.send_header("X-Error-Message", "Access to this repository is restricted")
+                elif folder is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "RepoNotFound")
+                elif not path.is_file():
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                else:
+                    return path, name
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None, None
+
+            def headers_for(self, path: Path, status: int, length: int, extra=()):
+                self.send_response(status)
+                self.send_header("X-Repo-Commit", hub.COMMIT)
+                self.send_header("ETag", f'"{etag(path)}"')
+                self.send_header("Content-Length", str(length))
+                self.send_header("Accept-Ranges", "bytes")
+                for key, value in extra:
+                    self.send_header(key, value)
+                self.end_headers()
+
+            def do_HEAD(self):
+                hub.requests.append(("HEAD", self.path, None))
+                path, _ = self.find()
+                if path is not None:
+                    self.headers_for(path, 200, path.stat().st_size)
+
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                hub.requests.append(("GET", self.path, rng))
+                path, name = self.find()
+                if path is None:
+                    return
+                data = path.read_bytes()
+                if name in hub.garble:
+                    data = bytes(b ^ 0xFF if i % 97 == 0 else b for i, b in enumerate(data))
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+                if rng:
+                    self.headers_for(path, 206, len(data) - start,
+                                     [("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")])
+                else:
+                    self.headers_for(path, 200, len(data))
+                if name in hub.cut and not rng:
+                    hub.cut.discard(name)
+                    # past huggingface_hub's first 10 MB chunk, so that its retry resumes with a Range request
+                    self.wfile.write(data[: len(data) * 3 // 4])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(data[start:])
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def gets(self, name: str) -> list:
+        return [r for r in self.requests if r[0] == "GET" and r[1].endswith("/" + name)]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class Redis:
     """Debian's redis-server on a free loopback port, append-only file on (queued jobs survive a restart)."""
 
