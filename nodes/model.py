@@ -7,11 +7,14 @@ SVD's VAE and CLIP image encoder come either from the folder's diffusers copy or
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import comfy
+
+log = logging.getLogger(__name__)
 
 UNET_NAMES = ("unet.safetensors", "unet.pth")
 SVD_LATENT_SCALE = 0.18215  # SD1.x latent format, used by SVD; ComfyUI's VAE returns unscaled latents
@@ -71,12 +74,60 @@ class SonicModel:
         comfy.load_to_gpu([p for stage in stages for p in wanted[stage]])
 
 
+DEFAULT_UNET = "Sonic/unet.pth"  # where `python -m sonic download` / download_missing put it
+
+
 def _unet_files() -> list[str]:
+    """The Sonic UNets in models/sonic; the standard name when there is none yet (so that download_missing can
+    fetch it and the validation error can say how)."""
     try:
         names = comfy.folder_paths().get_filename_list(comfy.SONIC_FOLDER)
     except (ImportError, KeyError):
         return []
-    return [n for n in names if Path(n).name in UNET_NAMES]
+    return [n for n in names if Path(n).name in UNET_NAMES] or [DEFAULT_UNET]
+
+
+def _sonic_root() -> Path:
+    """The first models/sonic folder (the user's extra_model_paths entry first): where downloads go."""
+    return Path(comfy.folder_paths().get_folder_paths(comfy.SONIC_FOLDER)[0])
+
+
+def _how_to_download(root: Path) -> str:
+    return (f"set download_missing to true on Sonic Model Loader to fetch them from Hugging Face, or run "
+            f"`python -m sonic download --models {root}` (see the pack's README, 'Model files')")
+
+
+def _download_missing(root: Path, interpolation: bool, external: bool, dtype: str) -> None:
+    """Fetch what the chosen setup lacks into `root`, with ComfyUI's progress bar (bytes) and Cancel. SVD's
+    half-precision files when the compute dtype is not fp32 (exactly what runs then, half the download)."""
+    import torch
+
+    from ..sonic import download
+    from ..sonic.checkpoints import ModelLayout
+
+    layout = ModelLayout(root)
+    if not layout.missing(interpolation, svd_weights=not external):
+        return
+    components = ("sonic", "whisper") + (("rife",) if interpolation else ()) + (() if external else ("svd",))
+    bar = {}
+
+    def on_start(files: int, total: int) -> None:
+        bar["bar"] = comfy.progress_bar(max(total, 1))
+
+    from tqdm import tqdm
+
+    class Progress(tqdm):  # huggingface_hub's per-file bar, silent, forwarded to ComfyUI's; Cancel stops it
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+        def update(self, n=1):
+            comfy.check_interrupt()
+            if "bar" in bar and n:
+                bar["bar"].update(n)
+
+    log.info("Sonic: downloading %s into %s", ", ".join(components), root)
+    half = _resolve_dtype(dtype, comfy.devices()[0]) != torch.float32
+    download.download(root, components, fp16=half, tqdm_class=Progress, on_start=on_start, log=log.info)
 
 
 def _resolve_dtype(choice: str, device):
@@ -131,27 +182,40 @@ class SonicModelLoader:
                 "face_detector": (["auto", "yolo", "dlib"], {"default": "auto", "tooltip":
                                   "auto: the official yoloface_v5m.pt when present, else dlib's built-in detector."}),
             },
-            "optional": {
+            "optional": {  # optional, so that API prompts written before it existed stay valid
+                "download_missing": ("BOOLEAN", {"default": False, "tooltip":
+                                     "Fetch missing model files from Hugging Face into models/sonic when the "
+                                     "workflow runs (about 9 GB the first time; HF_TOKEN for SVD's files)."}),
                 "vae": ("VAE", {"tooltip": "SVD's VAE from ComfyUI (e.g. ImageOnlyCheckpointLoader on svd_xt)."}),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "SVD's CLIP image encoder from ComfyUI."}),
             },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, sonic_unet):
-        try:
-            comfy.folder_paths().get_full_path_or_raise(comfy.SONIC_FOLDER, sonic_unet)
-        except FileNotFoundError:
-            return f"{sonic_unet} not found in models/sonic; download Sonic's files there (see README)"
+    def VALIDATE_INPUTS(cls, sonic_unet, download_missing=False):
+        if comfy.folder_paths().get_full_path(comfy.SONIC_FOLDER, sonic_unet) is None and not (
+                download_missing and sonic_unet == DEFAULT_UNET):
+            return f"{sonic_unet} not found in models/sonic ({_sonic_root()}): " + _how_to_download(_sonic_root())
         return True
 
-    def load(self, sonic_unet, dtype="auto", interpolation=True, face_detector="auto", vae=None, clip_vision=None):
-        unet_path = Path(comfy.folder_paths().get_full_path_or_raise(comfy.SONIC_FOLDER, sonic_unet))
-        root = unet_path.parent.parent  # the official layout: <root>/Sonic/unet.pth
+    def load(self, sonic_unet, dtype="auto", interpolation=True, face_detector="auto", download_missing=False,
+             vae=None, clip_vision=None):
         if (vae is None) != (clip_vision is None):
             raise ValueError("connect both vae and clip_vision (from the same SVD checkpoint), or neither to use "
                              "the diffusers SVD folder in models/sonic")
         external = vae is not None
+        found = comfy.folder_paths().get_full_path(comfy.SONIC_FOLDER, sonic_unet)
+        # the official layout: <root>/Sonic/unet.pth
+        root = Path(found).parent.parent if found else _sonic_root()
+        if download_missing:
+            _download_missing(root, interpolation, external, dtype)
+        from ..sonic.checkpoints import ModelLayout
+
+        missing = ModelLayout(root).missing(interpolation, svd_weights=not external)
+        if missing:
+            raise FileNotFoundError(f"models/sonic ({root}) lacks " + "; ".join(missing) + ". "
+                                    + _how_to_download(root))
+        unet_path = Path(comfy.folder_paths().get_full_path_or_raise(comfy.SONIC_FOLDER, sonic_unet))
         # a re-run upstream loader gives new VAE objects for the same files: that must not reload the 6 GB UNet
         key = (_file_identity(unet_path), dtype, interpolation, face_detector, external)
         if key not in _CACHE:

@@ -110,7 +110,7 @@ class ModelLayout:
         if missing:
             raise FileNotFoundError(
                 f"Sonic models folder {self.root} is incomplete; missing: " + "; ".join(missing)
-                + ". Download the files into this layout (see README, 'Model files')."
+                + f". Run `python -m sonic download --models {self.root}` to fetch them (see README, 'Model files')."
             )
 
 

@@ -157,3 +157,36 @@ def test_bad_component_names_the_flag(tmp_path):
     result = run("http://127.0.0.1:9", tmp_path / "models", "--only", "sonic,unet")
     assert result.returncode == 2
     assert "--only: unknown component unet" in result.stderr
+
+
+def test_model_loader_download_missing_in_comfyui(comfy_env, hub, tmp_path, monkeypatch):
+    """Sonic Model Loader on an empty models/sonic: validation says how; download_missing fetches the files with
+    ComfyUI's progress bar in bytes, then loads them."""
+    import folder_paths
+    from comfy import utils
+    from huggingface_hub import constants
+
+    empty = tmp_path / "models-sonic"
+    empty.mkdir()
+    paths, exts = folder_paths.folder_names_and_paths["sonic"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "sonic", ([str(empty)], exts))
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # CI sets HF_HUB_OFFLINE=1 for everything else
+    loader_cls = comfy_env["mappings"]["SonicModelLoader"]
+    assert loader_cls.INPUT_TYPES()["required"]["sonic_unet"][0] == ["Sonic/unet.pth"]
+    message = loader_cls.VALIDATE_INPUTS("Sonic/unet.pth")
+    assert isinstance(message, str) and str(empty) in message
+    assert "download_missing" in message and f"python -m sonic download --models {empty}" in message
+    assert loader_cls.VALIDATE_INPUTS("Sonic/unet.pth", download_missing=True) is True
+
+    with pytest.raises(FileNotFoundError, match="download_missing"):
+        loader_cls().load("Sonic/unet.pth", dtype="fp32")
+    utils.UPDATES.clear()
+    model = loader_cls().load("Sonic/unet.pth", dtype="fp32", download_missing=True)[0]
+    assert model.models.rife is not None
+    served = sum(p.stat().st_size for p in (empty).rglob("*") if p.is_file() and ".cache" not in p.parts)
+    assert utils.UPDATES and utils.UPDATES[-1] == (served, served)  # the bar counted every byte, in bytes
+    assert [r for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]]
+    hub.requests.clear()
+    assert loader_cls().load("Sonic/unet.pth", dtype="fp32", download_missing=True)[0] is model  # nothing fetched
+    assert not [r for r in hub.requests if "/resolve/" in r[1]]

@@ -20,7 +20,7 @@ NODES = {
     "SonicLoadImage": ([], [("image", "IMAGE"), ("mask", "MASK")], ["image", "path_or_url", None]),
     "SonicLoadAudio": ([], [("audio", "AUDIO")], ["audio", "trim_silence", "silence_db", "path_or_url", None, None]),
     "SonicModelLoader": ([("vae", "VAE"), ("clip_vision", "CLIP_VISION")], [("sonic_model", "SONIC_MODEL")],
-                         ["sonic_unet", "dtype", "interpolation", "face_detector"]),
+                         ["sonic_unet", "dtype", "interpolation", "face_detector", "download_missing"]),
     "SonicPreData": ([("sonic_model", "SONIC_MODEL"), ("image", "IMAGE"), ("audio", "AUDIO")],
                      [("predata", "SONIC_PREDATA")],
                      ["min_resolution", "duration", "crop", "expand_ratio", "face_box"]),
@@ -52,7 +52,7 @@ def template(title, note, *, min_resolution=512, steps=25, output="auto", crf=18
     nodes = [
         (1, "SonicLoadImage", (40, 40), ["portrait.png", "", "image"]),
         (2, "SonicLoadAudio", (40, 500), ["speech.wav", False, 40.0, "", None, ""]),
-        (3, "SonicModelLoader", (420, 40), ["Sonic/unet.pth", "auto", True, "auto"]),
+        (3, "SonicModelLoader", (420, 40), ["Sonic/unet.pth", "auto", True, "auto", False]),
         (4, "SonicPreData", (420, 300), [min_resolution, 0.0, False, 0.5, ""]),
         (5, "SonicSampler", (800, 40), [72589, seed_mode, steps, 1.0, 1.0, 7.5, 2.0, 1.0, output]),
         (7, "SonicLipSyncCalibrate", (1180, 40), ["auto+manual", 0.0, 0.4, 0.01, 0.4, ""]),
