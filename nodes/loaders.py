@@ -67,14 +67,22 @@ def _fingerprint(upload: str, path_or_url: str) -> str:
     return digest
 
 
-def _validate(upload: str, path_or_url: str) -> bool | str:
+def _validate(widget: str, upload: str, path_or_url: str) -> bool | str:
+    """ComfyUI lists this message under every argument of VALIDATE_INPUTS (both widgets), so it names the one at
+    fault itself."""
     text = (path_or_url or "").strip()
     if _is_url(text):
         return True
     try:
         resolve(upload, text)
     except (OSError, ValueError) as exc:
-        return str(exc)
+        if text:
+            return f"path_or_url {text!r}: {exc}"
+        if not upload:
+            return f"no {widget} chosen: upload one with the {widget} widget (or set path_or_url)"
+        if isinstance(exc, FileNotFoundError):
+            return f"the {widget} widget's file {upload!r} is not in ComfyUI's input folder: upload it or pick another"
+        return f"the {widget} widget: {exc}"
     return True
 
 
@@ -100,7 +108,7 @@ class SonicLoadImage:
 
     @classmethod
     def VALIDATE_INPUTS(cls, image, path_or_url=""):
-        return _validate(image, path_or_url)
+        return _validate("image", image, path_or_url)
 
     def load(self, image, path_or_url=""):
         import numpy as np
@@ -147,7 +155,7 @@ class SonicLoadAudio:
 
     @classmethod
     def VALIDATE_INPUTS(cls, audio, path_or_url=""):
-        return _validate(audio, path_or_url)
+        return _validate("audio", audio, path_or_url)
 
     def load(self, audio, trim_silence=False, silence_db=40.0, path_or_url=""):
         import torch

@@ -175,6 +175,17 @@ def test_paths_cannot_escape_comfyui_folders(comfy_env, tmp_path):
         _node(comfy_env, "SonicLoadImage").load("portrait.png", path_or_url=str(outside))
 
 
+def test_missing_file_messages_name_the_widget_at_fault(comfy_env):
+    image, audio = comfy_env["mappings"]["SonicLoadImage"], comfy_env["mappings"]["SonicLoadAudio"]
+    upload = image.VALIDATE_INPUTS("gone.png", "")
+    assert upload.startswith("the image widget's file 'gone.png' is not in ComfyUI's input folder")
+    assert "path_or_url" not in upload  # it is empty: not the culprit
+    path = audio.VALIDATE_INPUTS("speech.wav", "missing/take1.wav")
+    assert path.startswith("path_or_url 'missing/take1.wav': ") and "speech.wav" not in path
+    assert image.VALIDATE_INPUTS("", "") == "no image chosen: upload one with the image widget (or set path_or_url)"
+    assert image.VALIDATE_INPUTS("gone.png", "https://example.com/p.png") is True  # fetched when the node runs
+
+
 def test_cancel_is_honoured_within_one_step(comfy_env):
     import comfy.model_management as mm
     import comfy.utils
