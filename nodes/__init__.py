@@ -3,7 +3,7 @@
 Importing this module is cheap (no torch): heavy imports happen inside the node functions.
 """
 
-from .comfy import register_model_folder
+from .comfy import install_examples, register_model_folder
 from .loaders import SonicLoadAudio, SonicLoadImage
 from .model import SonicModelLoader
 from .postprocess import SonicLipSyncCalibrate, SonicSmoothMotion
@@ -11,6 +11,7 @@ from .sampling import SonicPreDataNode, SonicSamplerNode
 from .video import SonicVideoEncode
 
 register_model_folder()
+install_examples()
 
 NODE_CLASS_MAPPINGS = {
     "SonicLoadImage": SonicLoadImage,

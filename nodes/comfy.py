@@ -5,8 +5,12 @@ Everything ComfyUI-specific the nodes need: folders, progress bars, cancel, devi
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_inputs"
 
 SONIC_FOLDER = "sonic"
 
@@ -28,6 +32,29 @@ def register_model_folder() -> None:
         fp.add_model_folder_path(SONIC_FOLDER, default)  # keep the user's paths first
     else:
         fp.folder_names_and_paths[SONIC_FOLDER] = ([default], set(fp.supported_pt_extensions))
+
+
+def install_examples() -> None:
+    """Copy the pack's example portrait and speech into ComfyUI's input folder (never over a file already there),
+    so that the templates, which preselect them, run as is on a fresh install."""
+    try:
+        fp = folder_paths()
+    except ImportError:
+        return
+    target = Path(fp.get_input_directory())
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for source in sorted(EXAMPLES.glob("sonic_example_*")):
+            if (target / source.name).exists():
+                continue
+            partial = target / f".{source.name}.{os.getpid()}.partial"
+            try:
+                shutil.copyfile(source, partial)
+                os.replace(partial, target / source.name)
+            finally:
+                partial.unlink(missing_ok=True)
+    except OSError as exc:  # a read-only input folder must not stop the pack from loading
+        logging.getLogger(__name__).warning("Sonic: could not copy the example inputs into %s: %s", target, exc)
 
 
 def model_management():

@@ -10,21 +10,45 @@ import av
 import pytest
 
 from comfy_harness import UI_ONLY_NODES, execute_prompt, ui_to_api, validate_prompt
+from helpers import ui_template_path, workflow_templates
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+NAMES = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
+UI_FILE = {name: ui_template_path(name) for name in workflow_templates()}
 FAST = {"SonicPreData": {"min_resolution": 128, "duration": 1.0}, "SonicSampler": {"steps": 1}}
 
 
-def test_templates_and_api_twins_are_paired():
-    assert NAMES == ["sonic_batch_api", "sonic_hq_1024", "sonic_long_audio", "sonic_quick_512"]
-    assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == NAMES
+def test_templates_and_api_twins_are_paired_and_pictured():
+    from PIL import Image
+
+    assert NAMES == ["sonic_batch_api", "sonic_hq_1024", "sonic_long_audio", "sonic_quick_512"] == sorted(UI_FILE)
+    assert sorted(WORKFLOWS.glob("*.json")) == sorted(UI_FILE.values())  # nothing else shows in the browser
+    for name, path in UI_FILE.items():
+        # the browser shows a custom template by its file name (title and description, "-" and "_" turned into
+        # spaces) with "<name>.jpg" as its picture
+        assert "-" not in path.stem and "_" not in path.stem and path.stem.startswith("Sonic ")
+        with Image.open(path.with_suffix(".jpg")) as picture:
+            assert picture.format == "JPEG" and picture.size == (512, 384)
+        ui = json.loads(path.read_text())
+        assert ui["extra"]["title"] == path.stem
+
+
+def test_templates_preselect_the_example_inputs_that_the_pack_copies(comfy_env):
+    api = json.loads((WORKFLOWS / "api" / "sonic_quick_512.json").read_text())
+    image = next(n for n in api.values() if n["class_type"] == "SonicLoadImage")["inputs"]["image"]
+    audio = next(n for n in api.values() if n["class_type"] == "SonicLoadAudio")["inputs"]["audio"]
+    examples = Path(__file__).resolve().parents[1] / "example_inputs"
+    for name in (image, audio):
+        copied = comfy_env["base"] / "input" / name
+        assert copied.read_bytes() == (examples / name).read_bytes()  # copied when the pack loaded
+    listed = comfy_env["mappings"]["SonicLoadImage"].INPUT_TYPES()["required"]["image"][0]
+    assert image in listed
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_template_matches_its_api_twin(comfy_env, name):
     mappings = comfy_env["mappings"]
-    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    ui = json.loads(UI_FILE[name].read_text())
     api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
     assert ui["version"] == 0.4 and any(n["type"] == "Note" for n in ui["nodes"])
     for node in ui["nodes"]:

@@ -40,6 +40,11 @@ NODES = {
 }
 
 
+# the pack's example inputs (example_inputs/), copied into ComfyUI's input folder when the pack loads, so that a
+# template runs as is on a fresh install
+EXAMPLE_IMAGE = "sonic_example_portrait.jpg"
+EXAMPLE_AUDIO = "sonic_example_speech.wav"
+
 SIZES = {"SonicLoadImage": (340, 420), "SonicLoadAudio": (340, 250), "SonicModelLoader": (340, 220),
          "SonicPreData": (340, 230), "SonicSampler": (340, 340), "SonicLipSyncCalibrate": (340, 330),
          "SonicSmoothMotion": (340, 200), "SonicVideoEncode": (340, 340)}
@@ -50,8 +55,8 @@ def template(title, note, *, min_resolution=512, steps=25, output="auto", crf=18
     """The default graph: loaders -> model -> PreData -> sampler -> lip-sync -> smoothing -> encoder (+ a note).
     Frames travel as IMAGE batches, or as the sampler's frames file when `use_frames`."""
     nodes = [
-        (1, "SonicLoadImage", (40, 40), ["portrait.png", "", "image"]),
-        (2, "SonicLoadAudio", (40, 500), ["speech.wav", False, 40.0, "", None, ""]),
+        (1, "SonicLoadImage", (40, 40), [EXAMPLE_IMAGE, "", "image"]),
+        (2, "SonicLoadAudio", (40, 500), [EXAMPLE_AUDIO, False, 40.0, "", None, ""]),
         (3, "SonicModelLoader", (420, 40), ["Sonic/unet.pth", "auto", True, "auto", False]),
         (4, "SonicPreData", (420, 300), [min_resolution, 0.0, False, 0.5, ""]),
         (5, "SonicSampler", (800, 40), [72589, seed_mode, steps, 1.0, 1.0, 7.5, 2.0, 1.0, output]),
@@ -67,7 +72,9 @@ def template(title, note, *, min_resolution=512, steps=25, output="auto", crf=18
              (5, 2, 7, "fps"), (5, video, 7, name), (5, 1, 7, "audio"), (4, 0, 7, "predata"),
              (7, carried, 8, name), (4, 0, 8, "predata"),
              (5, 2, 6, "fps"), (8, carried, 6, name), (7, 2, 6, "audio")]
-    return {"title": title, "note": note, "nodes": nodes, "links": links}
+    facts = [f"{min_resolution} px, {steps} steps", "frames file on disk" if use_frames else "frames in memory",
+             "fixed seed" if seed_mode == "fixed" else "new seed each run"]
+    return {"title": title, "note": note, "nodes": nodes, "links": links, "facts": facts}
 
 
 KNOBS = """Knobs (Sonic Sampler):
@@ -82,22 +89,28 @@ lip_sync_offset adds a fixed delay, e.g. +0.03 for a player that shows the pictu
 Sonic Smooth Motion: removes head jitter without delay (alpha 0.3 mild, 0.1 strong, 1 off).
 Models: Sonic's files in models/sonic (see the pack's README)."""
 
+START = ("It runs as is on the pack's example portrait and speech (sonic_example_*): press Run. Then pick your "
+         "own photo and recording with the upload buttons of the two loaders.\n")
+
+# API name (workflows/api/<name>.json, for the queue API) -> the template. Its "title" is also the UI file's name:
+# ComfyUI's template browser shows custom templates by file name only (title and description), with
+# "<file name>.jpg" beside it as the picture, so the name is the sentence that says when to pick it.
 TEMPLATES = {
     "sonic_quick_512": template(
-        "Sonic - quick 512 preview",
-        "Quick preview at 512 px with 15 steps: pick a portrait and a speech recording, press Run.\n\n" + KNOBS,
+        "Sonic quick preview (start here, 512px, 15 steps)",
+        "Quick preview at 512 px with 15 steps. " + START + "\n" + KNOBS,
         steps=15, crf=23, prefix="Sonic/preview"),
     "sonic_hq_1024": template(
-        "Sonic - 1024 high quality",
-        "1024 px, 25 steps (official quality). Needs a large GPU (about 4x the time and memory of 512).\n\n" + KNOBS,
-        min_resolution=1024, crf=16, prefix="Sonic/hq"),
+        "Sonic high quality (1024px, 25 steps, large GPU)",
+        "1024 px, 25 steps (official quality). Needs a large GPU (about 4x the time and memory of 512). " + START
+        + "\n" + KNOBS, min_resolution=1024, crf=16, prefix="Sonic/hq"),
     "sonic_long_audio": template(
-        "Sonic - long audio",
+        "Sonic long audio (minutes of speech, frames on disk)",
         "For minutes of audio: the sampler writes uint8 frames to a file on disk (output = frames file) and the "
-        "encoder streams them, so RAM stays small whatever the length. The IMAGE output is only a preview frame.\n\n"
-        + KNOBS, output="frames file", use_frames=True, prefix="Sonic/long"),
+        "encoder streams them, so RAM stays small whatever the length. The IMAGE output is only a preview frame. "
+        + START + "\n" + KNOBS, output="frames file", use_frames=True, prefix="Sonic/long"),
     "sonic_batch_api": template(
-        "Sonic - batch (queue API)",
+        "Sonic batch template (queue API, fixed seed)",
         "For studios driving ComfyUI over HTTP: set node 1 path_or_url (portrait), node 2 path_or_url (speech; "
         "files in ComfyUI's input/output folders or http(s) URLs), node 5 seed and node 6 filename_prefix per job, "
         "then POST the API twin (workflows/api/sonic_batch_api.json) to /prompt. The seed is fixed so a job is "
@@ -139,13 +152,43 @@ def build(spec: dict) -> tuple[dict, dict]:
     return ui, api
 
 
+def thumbnail(spec: dict):
+    """The template browser's picture: the example portrait, the template's name and facts, the example speech's
+    waveform (what the template turns into a video)."""
+    import numpy as np
+    import soundfile
+    from PIL import Image, ImageDraw, ImageFont
+
+    examples = HERE.parent / "example_inputs"
+    card = Image.new("RGB", (512, 384), (24, 26, 38))
+    with Image.open(examples / EXAMPLE_IMAGE) as photo:
+        card.paste(photo.convert("RGB").crop((128, 0, 384, 256)).resize((224, 224)), (16, 16))
+    draw = ImageDraw.Draw(card)
+    title, detail = spec["title"].split(" (", 1)
+    draw.text((256, 24), title, fill=(255, 255, 255), font=ImageFont.load_default(26))
+    y = 70
+    for line in [detail.rstrip(")"), *spec["facts"][1:]]:
+        draw.text((256, y), line, fill=(190, 200, 230), font=ImageFont.load_default(18))
+        y += 30
+    wave, _ = soundfile.read(examples / EXAMPLE_AUDIO, dtype="float32")
+    columns = np.array_split(np.abs(wave), 480)
+    peak = max(float(c.max()) for c in columns) or 1.0
+    for x, column in enumerate(columns):
+        h = 60 * float(column.max()) / peak
+        draw.line([(16 + x, 310 - h), (16 + x, 310 + h)], fill=(110, 200, 160))
+    return card
+
+
 def main() -> None:
     (HERE / "api").mkdir(exist_ok=True)
+    for old in HERE.glob("*.json"):  # UI files are named by title: remove those of renamed templates
+        old.unlink()
     for name, spec in TEMPLATES.items():
         ui, api = build(spec)
-        (HERE / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
+        (HERE / f"{spec['title']}.json").write_text(json.dumps(ui, indent=1) + "\n")
+        thumbnail(spec).save(HERE / f"{spec['title']}.jpg", quality=88)
         (HERE / "api" / f"{name}.json").write_text(json.dumps(api, indent=1) + "\n")
-        print(name)
+        print(name, "->", spec["title"])
 
 
 if __name__ == "__main__":
