@@ -12,5 +12,5 @@ else:
     # an identifier (`sonic-portrait`). There is no pack to register then; ComfyUI always gives a package.
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
-WEB_DIRECTORY = "./web"  # a small frontend fix for the audio upload widget (web/sonic_audio_upload.js)
+WEB_DIRECTORY = "./web"  # frontend extensions: the audio upload widget, the lip-sync result on its node
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -14,6 +14,7 @@ torch is imported only for the structure check, after the downloads.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,9 @@ def fetch(models_dir: str | os.PathLike, components=DEFAULT_COMPONENTS, fp16: bo
     layout = ModelLayout(Path(models_dir))
     endpoint = _endpoint()
     items = [f for f in plan(components, fp16) if not _present_as_safetensors(layout, f)]
+    # per-file progress hook (huggingface_hub 1.x); older versions show their own bars only
+    progress = {"tqdm_class": tqdm_class} if tqdm_class is not None and "tqdm_class" in inspect.signature(
+        hf_hub_download).parameters else {}
     metadata = {}
     for item in items:
         try:
@@ -200,7 +204,7 @@ def fetch(models_dir: str | os.PathLike, components=DEFAULT_COMPONENTS, fp16: bo
         before = _stat(target)
         try:
             path = Path(hf_hub_download(item.repo, item.filename, local_dir=local_dir, endpoint=endpoint,
-                                        tqdm_class=tqdm_class))
+                                        **progress))
         except Exception as exc:  # noqa: BLE001
             from huggingface_hub import errors
 

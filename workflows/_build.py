@@ -72,8 +72,7 @@ def template(title, note, *, min_resolution=512, steps=25, output="auto", crf=18
              (5, 2, 7, "fps"), (5, video, 7, name), (5, 1, 7, "audio"), (4, 0, 7, "predata"),
              (7, carried, 8, name), (4, 0, 8, "predata"),
              (5, 2, 6, "fps"), (8, carried, 6, name), (7, 2, 6, "audio")]
-    facts = [f"{min_resolution} px, {steps} steps", "frames file on disk" if use_frames else "frames in memory",
-             "fixed seed" if seed_mode == "fixed" else "new seed each run"]
+    facts = [] if seed_mode == "fixed" else ["new seed each run"]
     return {"title": title, "note": note, "nodes": nodes, "links": links, "facts": facts}
 
 
@@ -84,7 +83,7 @@ KNOBS = """Knobs (Sonic Sampler):
 - audio_guidance 7.5 / appearance_guidance 2.0: lip-sync strength vs. keeping the portrait's look.
 - seed: change it for a different performance of the same audio.
 Sonic PreData: min_resolution is the video's short side (512 official); crop animates a square around the face.
-Sonic Lip-Sync Calibrate: measures the mouth against the voice and shifts the audio (offset/confidence in the log);
+Sonic Lip-Sync Calibrate: measures the mouth against the voice and shifts the audio (the result shows on the node);
 lip_sync_offset adds a fixed delay, e.g. +0.03 for a player that shows the picture 30 ms late.
 Sonic Smooth Motion: removes head jitter without delay (alpha 0.3 mild, 0.1 strong, 1 off).
 Models: Sonic's files in models/sonic (see the pack's README)."""
@@ -166,10 +165,11 @@ def thumbnail(spec: dict):
     draw = ImageDraw.Draw(card)
     title, detail = spec["title"].split(" (", 1)
     draw.text((256, 24), title, fill=(255, 255, 255), font=ImageFont.load_default(26))
-    y = 70
-    for line in [detail.rstrip(")"), *spec["facts"][1:]]:
-        draw.text((256, y), line, fill=(190, 200, 230), font=ImageFont.load_default(18))
-        y += 30
+    small, y = ImageFont.load_default(18), 70
+    lines = [part.strip() for part in detail.rstrip(")").split(",")] + spec["facts"]
+    for line in lines:
+        draw.text((256, y), line, fill=(190, 200, 230), font=small)
+        y += 28
     wave, _ = soundfile.read(examples / EXAMPLE_AUDIO, dtype="float32")
     columns = np.array_split(np.abs(wave), 480)
     peak = max(float(c.max()) for c in columns) or 1.0
