@@ -101,6 +101,20 @@ def load_to_gpu(patchers: list, memory_required: int = 0) -> None:
         model_management().load_models_gpu(patchers, memory_required=memory_required, force_full_load=True)
 
 
+def free_memory(device) -> int:
+    """Bytes ComfyUI says are free on `device` (RAM when it computes on the CPU)."""
+    return int(model_management().get_free_memory(device))
+
+
+def low_vram_forced() -> bool:
+    """ComfyUI started with --lowvram / --novram, or SONIC_LOW_VRAM=1 (the pack's own setting)."""
+    if os.environ.get("SONIC_LOW_VRAM", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    mm = model_management()
+    state = getattr(mm, "vram_state", None)
+    return state is not None and getattr(state, "name", "") in ("LOW_VRAM", "NO_VRAM")
+
+
 def devices():
     """(compute device, offload device, intermediate device) as ComfyUI configures them."""
     mm = model_management()

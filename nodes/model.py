@@ -67,11 +67,13 @@ class SonicModel:
         models = dataclasses.replace(self.models, vae=ComfyVAE(vae), image_encoder=ComfyImageEncoder(clip_vision))
         return dataclasses.replace(self, models=models)
 
-    def load(self, *stages: str) -> None:
-        """Bring the modules of the named stages ('audio', 'image', 'unet', 'rife') onto the compute device."""
+    def load(self, *stages: str, memory_required: int = 0) -> None:
+        """Bring the modules of the named stages ('audio', 'image', 'unet', 'rife') onto the compute device, with
+        `memory_required` bytes of working memory beyond the weights (sonic/memory.py): ComfyUI evicts other
+        models, the UNet included when decoding on a short card, until that much is free."""
         wanted = {"audio": [self.audio_patcher], "image": self.image_patchers, "unet": [self.unet_patcher],
                   "rife": [self.rife_patcher]}
-        comfy.load_to_gpu([p for stage in stages for p in wanted[stage]])
+        comfy.load_to_gpu([p for stage in stages for p in wanted[stage]], memory_required=memory_required)
 
 
 DEFAULT_UNET = "Sonic/unet.pth"  # where `python -m sonic download` / download_missing put it

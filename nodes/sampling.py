@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from . import comfy
+
+log = logging.getLogger(__name__)
 
 MAX_IMAGE_BATCH_BYTES = 4 * 2**30  # auto mode: above this a float32 IMAGE batch becomes a frames file
 _FACE_CACHE: OrderedDict = OrderedDict()  # (image digest, crop settings, detector) -> (face box, crop box)
@@ -134,7 +137,11 @@ class SonicPreDataNode:
         else:
             _FACE_CACHE.move_to_end(key)
         comfy.check_interrupt()
-        sonic_model.load("audio", "image")
+        from ..sonic import memory
+        from ..sonic.image import output_size
+
+        width, height = output_size(*(pil.size if not crop else (1, 1)), min_resolution)  # a crop is square
+        sonic_model.load("audio", "image", memory_required=memory.prepare(height, width, models.dtype))
         cond = prepare(models, pil, (speech, SAMPLE_RATE), options, located=located)
         seconds = len(cond.audio_samples) / 16000
         return (SonicPreData(cond=cond, audio=trim_audio(audio, seconds)),)
@@ -193,8 +200,17 @@ class SonicSamplerNode:
                                 motion_scale=motion_scale, audio_guidance=audio_guidance,
                                 min_appearance_guidance=appearance_guidance, max_appearance_guidance=appearance_guidance,
                                 ip_audio_scale=ip_audio_scale)
+        from ..sonic import memory
+
         bar = comfy.progress_bar(1)
-        sonic_model.load("unet")
+        _, _, latent_h, latent_w = cond.image_latents.shape
+        shape = (options.windows_per_call, options.frames_per_window, latent_h, latent_w, models.dtype)
+        sonic_model.load("unet", memory_required=memory.sampling(*shape))
+        options.sequential_guidance = memory.choose_sequential_guidance(
+            comfy.free_memory(models.device), *shape, forced=comfy.low_vram_forced())
+        if options.sequential_guidance:
+            log.info("Sonic Sampler: low-VRAM mode (guidance rows one after another)")
+            sonic_model.load("unet", memory_required=memory.sampling(*shape, sequential_guidance=True))
         latents = pipeline.sample(models, cond, options, progress=lambda done, total: bar.update_absolute(done, total),
                                   cancel=comfy.check_interrupt)
 
@@ -202,7 +218,9 @@ class SonicSamplerNode:
         count = 2 * cond.num_frames - 1 if fps > pipeline.audio_lib.GENERATED_FPS else cond.num_frames
         width, height = cond.size
         store = FrameStore(height, width, count, fps, folder=comfy.folder_paths().get_temp_directory())
-        sonic_model.load("image", "rife")
+        sonic_model.load("image", "rife", memory_required=memory.decode(
+            options.decode_chunk_size, options.interpolation_batch, height, width, models.dtype,
+            fps > pipeline.audio_lib.GENERATED_FPS))
         decode_bar = comfy.progress_bar(count)
         for chunk in pipeline.decode(models, latents, options, cancel=comfy.check_interrupt):
             store.append(pipeline.to_uint8_frames(chunk))

@@ -54,6 +54,7 @@ class SampleOptions:
     interpolation: bool = True  # RIFE x2: 12.5 -> 25 fps
     windows_per_call: int = 1  # windows batched into one UNet call (same result, more memory)
     interpolation_batch: int = 4  # frame pairs per RIFE call
+    sequential_guidance: bool = False  # low-VRAM: the three guidance rows one after another (same result)
 
     def __post_init__(self) -> None:
         _check(1 <= self.inference_steps <= 1000, f"inference_steps must be between 1 and 1000, got {self.inference_steps}")

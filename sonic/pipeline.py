@@ -188,36 +188,42 @@ class SonicDenoiser:
                         guidance_schedule(options.audio_guidance, options.audio_guidance, num_steps)]
 
     def __call__(self, x_in: torch.Tensor, frames: torch.Tensor, step: int, timestep: torch.Tensor) -> torch.Tensor:
+        """x_in [n, L, C, h, w] on the device; frames [n, L] frame indices on the CPU (never synchronised)."""
         if self.cancel is not None:
             self.cancel()
-        models, device, dtype = self.models, self.models.device, self.models.dtype
+        device, dtype = self.models.device, self.models.dtype
         n, length = frames.shape
-        frames_cpu = frames.cpu()
-        # [n * 3, L, 8, h, w]: the same noisy latents for the three rows, each with its image latents
+        # [n, 3, L, 8, h, w]: the same noisy latents for the three rows, each with its image latents
         latents = x_in[:, None].expand(n, 3, *x_in.shape[1:])
         images = self.image_rows[None].expand(n, 3, length, *self.image_rows.shape[2:])
-        sample = torch.cat([latents, images], dim=3).flatten(0, 1)
+        sample = torch.cat([latents, images], dim=3)
 
-        cond_tokens = self.tokens[frames_cpu].to(device, dtype, non_blocking=True)  # [n, L, T, D]
+        cond_tokens = self.tokens[frames].to(device, dtype, non_blocking=True)  # [n, L, T, D]
         uncond = self.uncond.expand(n, length, *self.uncond.shape[1:])
-        tokens = torch.stack([uncond, uncond, cond_tokens], dim=1).flatten(0, 2)  # [n * 3 * L, T, D]
+        tokens = torch.stack([uncond, uncond, cond_tokens], dim=1)  # [n, 3, L, T, D]
 
-        window_buckets = self.buckets[frames_cpu].mean(dim=1)  # [n, 2]
+        window_buckets = self.buckets[frames].mean(dim=1)  # [n, 2]
         fps = torch.full((n, 1), self.fps)
-        time_ids = torch.cat([fps, window_buckets], dim=1).repeat_interleave(3, dim=0).to(device, dtype)
+        time_ids = torch.cat([fps, window_buckets], dim=1)[:, None].expand(n, 3, 3).to(device, dtype,
+                                                                                       non_blocking=True)
+        clip = self.clip_rows[None].expand(n, *self.clip_rows.shape)  # [n, 3, 1, D]
 
-        with models.audio_conditioning.bind(tokens, length, self.face_mask, self.options.ip_audio_scale):
-            out = models.unet(
-                sample,
-                timestep,
-                encoder_hidden_states=self.clip_rows.repeat(n, 1, 1),
-                added_time_ids=time_ids,
-                return_dict=False,
-            )[0]
-        out = out.reshape(n, 3, *out.shape[1:])
+        if self.options.sequential_guidance:  # low-VRAM: one guidance row per call, a third of the activations
+            out = torch.stack([self._unet(sample[:, r], tokens[:, r], clip[:, r], time_ids[:, r], timestep, length)
+                               for r in range(3)], dim=1)
+        else:
+            out = self._unet(sample.flatten(0, 1), tokens.flatten(0, 1), clip.flatten(0, 1), time_ids.flatten(0, 1),
+                             timestep, length).reshape(n, 3, *x_in.shape[1:])
         uncond_v, drop_audio_v, cond_v = out.unbind(dim=1)
         g1, g2 = self.g_appearance[step], self.g_audio[step]
         return uncond_v + g1 * (drop_audio_v - uncond_v) + g2 * (cond_v - drop_audio_v)
+
+    def _unet(self, sample, tokens, clip, time_ids, timestep, length: int) -> torch.Tensor:
+        """One UNet call on [rows, L, 8, h, w] with rows' tokens [rows, L, T, D] -> v [rows, L, 4, h, w]."""
+        models = self.models
+        with models.audio_conditioning.bind(tokens.flatten(0, 1), length, self.face_mask, self.options.ip_audio_scale):
+            return models.unet(sample, timestep, encoder_hidden_states=clip.contiguous(),
+                               added_time_ids=time_ids.contiguous(), return_dict=False)[0]
 
 
 def draw_noise(models: SonicModels, cond: SonicConditioning, seed: int) -> torch.Tensor:

@@ -81,27 +81,29 @@ def sample_windows(
     """Denoise [F, C, h, w] latents from sigmas[0] to sigmas[-1]; every window of a step reads the latents of
     the previous step, frames covered by several windows are averaged."""
     num_frames = latents.shape[0]
-    sigmas = sigmas.to(latents.device)
-    timesteps = timesteps.to(latents.device)
+    device = latents.device
+    # the schedule stays on the CPU as float32 scalars (0-dim CPU tensors combine with device tensors without a
+    # copy back): reading a device tensor per call would synchronise with the host
+    sigmas = sigmas.cpu()
     calls_per_step = -(-len(window_starts(num_frames, window, overlap)) // windows_per_call)
     total_calls, calls = calls_per_step * len(timesteps), 0
     x = latents
     for step in range(len(timesteps)):
         sigma, sigma_next = sigmas[step], sigmas[step + 1]
-        windows = window_indices(num_frames, window, overlap, step * shift_offset).to(x.device)
+        timestep = timesteps[step].to(device, non_blocking=True)
+        windows = window_indices(num_frames, window, overlap, step * shift_offset)  # CPU: gathers stay async
         summed = torch.zeros_like(x)
-        counts = torch.zeros(num_frames, *([1] * (x.dim() - 1)), dtype=x.dtype, device=x.device)
+        counts = torch.bincount(windows.flatten(), minlength=num_frames).to(device, x.dtype, non_blocking=True)
         for group in windows.split(windows_per_call):
-            x_win = x[group]  # [n, L, C, h, w]
-            v = denoise(scale_input(x_win, sigma), group, step, timesteps[step])
+            index = group.to(device, non_blocking=True)
+            x_win = x[index]  # [n, L, C, h, w]
+            v = denoise(scale_input(x_win, sigma), group, step, timestep)
             stepped = euler_step(x_win, v, sigma, sigma_next)
-            flat = group.flatten()
-            summed.index_add_(0, flat, stepped.flatten(0, 1))
-            counts.index_add_(0, flat, torch.ones_like(counts[flat]))
+            summed.index_add_(0, index.flatten(), stepped.flatten(0, 1))
             calls += 1
             if callback is not None:
                 callback(calls, total_calls)
-        x = summed / counts
+        x = summed / counts.view(num_frames, *([1] * (x.dim() - 1)))
     return x
 
 

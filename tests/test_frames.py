@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from sonic.frames import FrameStore
 
@@ -17,8 +18,9 @@ def test_frames_round_trip_in_chunks(tmp_path):
     assert len(store) == 10 and store.shape == (10, 4, 6, 3)
     np.testing.assert_array_equal(np.concatenate(list(store.chunks(4))), frames)
     images = store.images(2, 5)
-    assert images.shape == (3, 4, 6, 3) and float(images.max()) <= 1.0
-    np.testing.assert_allclose(images.numpy() * 255, frames[2:5], atol=1e-4)
+    assert images.shape == (3, 4, 6, 3) and images.dtype == torch.float32
+    # exactly the uint8 values over 255 (so 255 -> 1.0, 0 -> 0.0), the IMAGE convention
+    np.testing.assert_array_equal(images.numpy(), frames[2:5].astype(np.float32) / np.float32(255))
     with pytest.raises(ValueError, match="full"):
         store.append(frames[:1])
     path = store.path

@@ -92,19 +92,82 @@ def _inputs(comfy_env):
     return _model(comfy_env), image, _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
 
 
-def test_model_loader_caches_and_manages_memory(comfy_env):
-    import comfy.model_management as mm
-
+def test_model_loader_caches(comfy_env):
     first, second = _model(comfy_env), _model(comfy_env)
     assert first is second  # loaded once, kept between runs
     with pytest.raises(ValueError, match="both vae and clip_vision"):
         _node(comfy_env, "SonicModelLoader").load("Sonic/unet.pth", vae=object())
-    mm.LOADED.clear()
-    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
-    audio = _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
-    _node(comfy_env, "SonicPreData").prepare(first, image, audio, min_resolution=128, duration=0.5,
-                                             face_box="37,37,76,76")
-    assert mm.LOADED == [["ModuleDict", "AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection"]]
+
+
+def _run_stages(comfy_env, min_resolution=128, **sampler):
+    model, image, audio = _inputs(comfy_env)
+    predata = _node(comfy_env, "SonicPreData").prepare(model, image, audio, min_resolution=min_resolution,
+                                                       duration=0.5, face_box="37,37,76,76")[0]
+    return predata, _node(comfy_env, "SonicSampler").sample(model, predata, seed=3, steps=2, **sampler)
+
+
+def test_each_stage_tells_comfyui_the_memory_it_needs(comfy_env, monkeypatch):
+    """ComfyUI frees memory for a stage only as far as it is told: every load names its modules and the working
+    memory of that stage for this video's size (sonic/memory.py), so other models are evicted when needed."""
+    import comfy.model_management as mm
+
+    from sonic import memory
+
+    sizes, areas = {}, {}
+    for resolution in (128, 256):
+        mm.REQUESTS.clear()
+        predata, _ = _run_stages(comfy_env, resolution)
+        width, height = predata.cond.size
+        latent_h, latent_w = height // 8, width // 8
+        assert mm.REQUESTS == [
+            (["ModuleDict", "AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection"],
+             memory.prepare(height, width, torch.float32)),
+            (["UNetSpatioTemporalConditionModel"], memory.sampling(1, 25, latent_h, latent_w, torch.float32)),
+            (["AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection", "IFNet"],
+             memory.decode(8, 4, height, width, torch.float32, interpolation=True)),
+        ]
+        sizes[resolution], areas[resolution] = [request for _, request in mm.REQUESTS], width * height
+    # a larger video asks for more, in proportion to its area (128x256 -> 256x448 here)
+    area_ratio = areas[256] / areas[128]
+    assert area_ratio == 3.5
+    assert sizes[256][1] / sizes[128][1] == pytest.approx(area_ratio, rel=1e-3)
+    assert sizes[256][2] / sizes[128][2] == pytest.approx(area_ratio, rel=1e-3)
+
+
+def test_low_vram_mode_is_chosen_from_free_memory_and_gives_the_same_video(comfy_env, monkeypatch, caplog):
+    import comfy.model_management as mm
+
+    from sonic import memory
+
+    _, (normal, *_rest) = _run_stages(comfy_env)
+    predata, _ = _run_stages(comfy_env)
+    latent = predata.cond.image_latents.shape[2:]
+    batched = memory.sampling(1, 25, *latent, torch.float32)
+    sequential = memory.sampling(1, 25, *latent, torch.float32, sequential_guidance=True)
+    assert sequential * 3 == pytest.approx(batched, rel=1e-6)
+    calls = []
+    unet = _model(comfy_env).models.unet
+    handle = unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        monkeypatch.setattr(mm, "FREE_MEMORY", batched - 1)  # a card where the batched call does not fit
+        mm.REQUESTS.clear()
+        with caplog.at_level("INFO"):
+            _, (low, *_rest) = _run_stages(comfy_env)
+        assert "low-VRAM mode" in caplog.text
+        assert [r for names, r in mm.REQUESTS if names == ["UNetSpatioTemporalConditionModel"]] == [batched, sequential]
+        assert set(calls) == {1}  # one guidance row per UNet call
+        calls.clear()
+        monkeypatch.setattr(mm, "FREE_MEMORY", None)
+        monkeypatch.setenv("SONIC_LOW_VRAM", "1")  # the setting forces it whatever is free
+        _run_stages(comfy_env)
+        assert set(calls) == {1}
+        calls.clear()
+        monkeypatch.delenv("SONIC_LOW_VRAM")
+        _run_stages(comfy_env)
+        assert set(calls) == {3}  # plenty free: the three rows in one call
+    finally:
+        handle.remove()
+    assert (low.float() - normal.float()).abs().max() < 2 / 255  # the same video (uint8 rounding at most)
 
 
 def test_same_portrait_with_new_audio_reuses_the_face_analysis(comfy_env, monkeypatch):

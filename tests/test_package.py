@@ -9,13 +9,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LOADER = """
-import importlib.util, sys, time
-t = time.perf_counter()
+import importlib.util, sys
 spec = importlib.util.spec_from_file_location({name!r}, {init!r}, submodule_search_locations=[{root!r}])
 module = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = module
 spec.loader.exec_module(module)
-print(time.perf_counter() - t, sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules))
+heavy = ("torch", "diffusers", "transformers", "numpy", "PIL", "cv2", "librosa", "av", "huggingface_hub")
+print(sorted(m for m in heavy if m in sys.modules))
 print(type(module.NODE_CLASS_MAPPINGS).__name__, type(module.NODE_DISPLAY_NAME_MAPPINGS).__name__)
 """
 
@@ -25,9 +25,9 @@ def test_pack_imports_like_comfyui_without_heavy_modules():
     name = str(ROOT).replace(".", "_x_")
     code = LOADER.format(name=name, init=str(ROOT / "__init__.py"), root=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    seconds, heavy = out[0].split(" ", 1)
-    assert float(seconds) < 1.0
-    assert heavy == "[]"
+    # what makes ComfyUI's start slow is importing the numerical stack: none of it is imported here (no
+    # wall-clock assertion: timing on a shared machine is noise)
+    assert out[0] == "[]"
     assert out[1] == "dict dict"
 
 

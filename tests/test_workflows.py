@@ -78,7 +78,19 @@ def test_api_workflow_runs_on_the_tiny_models(comfy_env, name):
     calibrate = next(k for k, v in prompt.items() if v["class_type"] == "SonicLipSyncCalibrate")
     smooth = next(k for k, v in prompt.items() if v["class_type"] == "SonicSmoothMotion")
     _, _, corrected, offset, confidence = results[calibrate]
-    assert abs(offset) <= 0.4 and -1 <= confidence <= 1
+    # the node reports what it measured and did, and the audio it passes on is exactly that shift of its input
+    report = ui[calibrate]["lipsync"][0]
+    assert (report["offset_s"], report["confidence"]) == (round(offset, 4), round(confidence, 4))
+    source = results[sampler][1]["waveform"].numpy()
+    assert corrected["sample_rate"] == results[sampler][1]["sample_rate"]
+    shift = round(report["applied_s"] * corrected["sample_rate"])
+    wave = corrected["waveform"].numpy()
+    if shift > 0:
+        assert not wave[..., :shift].any() and (wave[..., shift:] == source).all()
+    else:
+        assert (wave == source[..., -shift:]).all()
+    # random tiny weights make no readable mouth: the low confidence is flagged and nothing applied
+    assert report["warning"] is True and report["applied_s"] == 0.0 and "NOT corrected" in report["message"]
     assert prompt[encoder]["inputs"]["audio"] == [calibrate, 2]
     smoothed_images, smoothed_frames = results[smooth]
     if "frames" in prompt[smooth]["inputs"]:  # the frames-file chain

@@ -2,8 +2,28 @@
 
 import torch
 
+import enum
+
 interrupt_processing = False
 LOADED = []  # every load_models_gpu call, for tests
+REQUESTS = []  # (module names, memory_required) of every load_models_gpu call, for tests
+FREE_MEMORY = None  # what get_free_memory reports (a test sets it to play a GPU of some size)
+
+
+class VRAMState(enum.Enum):
+    DISABLED = 0
+    NO_VRAM = 1
+    LOW_VRAM = 2
+    NORMAL_VRAM = 3
+    HIGH_VRAM = 4
+    SHARED = 5
+
+
+vram_state = VRAMState.NORMAL_VRAM
+
+
+def get_free_memory(dev=None, torch_free_too=False):
+    return FREE_MEMORY if FREE_MEMORY is not None else 2**40
 
 
 class InterruptProcessingException(Exception):
@@ -44,7 +64,9 @@ def should_use_bf16(device=None, *args, **kwargs):
 
 def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                     force_full_load=False):
-    LOADED.append([type(getattr(m.model, "inner", m.model)).__name__ for m in models])
+    names = [type(getattr(m.model, "inner", m.model)).__name__ for m in models]
+    LOADED.append(names)
+    REQUESTS.append((names, memory_required))
     for m in models:
         m.model.to(m.load_device)
         m.model.device = m.load_device  # as comfy.model_patcher.ModelPatcher.load does

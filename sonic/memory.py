@@ -1,0 +1,78 @@
+"""How much working memory (beyond the weights) each Sonic stage needs on the compute device, in bytes.
+
+ComfyUI frees memory for a stage only as far as it is told (`load_models_gpu(..., memory_required=...)`); these
+estimates are what the nodes tell it, and what chooses the low-VRAM mode. Each is linear in the work of one call,
+with coefficients measured on the real architectures (random weights; activation memory does not depend on
+the values) by `benchmarks/unet_memory.py` and `benchmarks/stage_memory.py` at several sizes, fp32 on the CPU,
+rounded up; half precision halves them. PyTorch's attention kernels on CPU and GPU are both flash-style (no N x N
+matrix), so the pattern measured on the CPU is the GPU's. `benchmarks/README.md` has the measurements; re-measure
+on a GPU with `bench_stages.py --device cuda`.
+"""
+
+from __future__ import annotations
+
+import math
+
+MiB = 2**20
+
+# peak bytes above the weights per latent element (rows x frames x h x w) of one UNet call, fp32
+UNET_BYTES_PER_ELEMENT = 52_000
+# per decoded output pixel (frames x H x W) of one temporal VAE decode chunk, fp32
+VAE_DECODE_BYTES_PER_PIXEL = 1_600
+# per output pixel of the reference image's VAE encode, fp32
+VAE_ENCODE_BYTES_PER_PIXEL = 1_100
+# per pixel pair of one RIFE batch (always fp32)
+RIFE_BYTES_PER_PIXEL = 900
+# Whisper-tiny on 30 s chunks, the audio MLPs on TOKEN_BATCH windows and CLIP at 224 px: small and fixed
+AUDIO_AND_CLIP_BYTES = 512 * MiB
+# allocator slack and the sampler's own window buffers, per call
+SLACK = 1.2
+
+
+def dtype_bytes(dtype) -> int:
+    """2 for fp16/bf16, 4 for fp32 (a torch.dtype or its name)."""
+    name = str(dtype).replace("torch.", "")
+    return 2 if name in ("float16", "bfloat16", "fp16", "bf16", "half") else 4
+
+
+def unet_call(rows: int, frames: int, latent_h: int, latent_w: int, dtype) -> int:
+    """One UNet call: `rows` batch rows (3 guidance rows x windows per call, or 1 row in low-VRAM mode) of
+    `frames` latent frames of latent_h x latent_w."""
+    elements = rows * frames * latent_h * latent_w
+    return math.ceil(elements * UNET_BYTES_PER_ELEMENT * dtype_bytes(dtype) / 4 * SLACK)
+
+
+def vae_decode(chunk: int, height: int, width: int, dtype) -> int:
+    return math.ceil(chunk * height * width * VAE_DECODE_BYTES_PER_PIXEL * dtype_bytes(dtype) / 4 * SLACK)
+
+
+def rife(batch: int, height: int, width: int) -> int:
+    return math.ceil(batch * height * width * RIFE_BYTES_PER_PIXEL * SLACK)
+
+
+def prepare(height: int, width: int, dtype) -> int:
+    """Sonic PreData: the reference image's VAE encode, Whisper, the audio MLPs, CLIP."""
+    encode = height * width * VAE_ENCODE_BYTES_PER_PIXEL * dtype_bytes(dtype) / 4
+    return math.ceil(max(encode, AUDIO_AND_CLIP_BYTES) * SLACK)
+
+
+def decode(chunk: int, rife_batch: int, height: int, width: int, dtype, interpolation: bool) -> int:
+    """Decoding stage: the VAE chunk and the RIFE batch run one after the other on frames of H x W."""
+    need = vae_decode(chunk, height, width, dtype)
+    return max(need, rife(rife_batch, height, width)) if interpolation else need
+
+
+def sampling(windows_per_call: int, frames: int, latent_h: int, latent_w: int, dtype,
+             sequential_guidance: bool = False) -> int:
+    rows = windows_per_call * (1 if sequential_guidance else 3)
+    return unet_call(rows, frames, latent_h, latent_w, dtype)
+
+
+def choose_sequential_guidance(free_bytes: int | None, windows_per_call: int, frames: int, latent_h: int,
+                               latent_w: int, dtype, forced: bool = False) -> bool:
+    """Low-VRAM mode when forced or when the batched call would not fit in what is free (None = unknown: batched)."""
+    if forced:
+        return True
+    if free_bytes is None:
+        return False
+    return sampling(windows_per_call, frames, latent_h, latent_w, dtype) > free_bytes
