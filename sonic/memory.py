@@ -3,7 +3,7 @@
 ComfyUI frees memory for a stage only as far as it is told (`load_models_gpu(..., memory_required=...)`); these
 estimates are what the nodes tell it, and what chooses the low-VRAM mode. Each is linear in the work of one call,
 with coefficients measured on the real architectures (random weights; activation memory does not depend on
-the values) by `benchmarks/unet_memory.py` and `benchmarks/stage_memory.py` at several sizes, fp32 on the CPU,
+the values) by `benchmarks/stage_memory.py` at several sizes, fp32 on the CPU,
 rounded up; half precision halves them. PyTorch's attention kernels on CPU and GPU are both flash-style (no N x N
 matrix), so the pattern measured on the CPU is the GPU's. `benchmarks/README.md` has the measurements; re-measure
 on a GPU with `bench_stages.py --device cuda`.
@@ -15,14 +15,14 @@ import math
 
 MiB = 2**20
 
-# peak bytes above the weights per latent element (rows x frames x h x w) of one UNet call, fp32
-UNET_BYTES_PER_ELEMENT = 52_000
-# per decoded output pixel (frames x H x W) of one temporal VAE decode chunk, fp32
-VAE_DECODE_BYTES_PER_PIXEL = 1_600
-# per output pixel of the reference image's VAE encode, fp32
-VAE_ENCODE_BYTES_PER_PIXEL = 1_100
-# per pixel pair of one RIFE batch (always fp32)
-RIFE_BYTES_PER_PIXEL = 900
+# Measured (benchmarks/results/stage_memory.json, fp32): the UNet call 33-36 KB per latent element (rows x frames
+# x h x w) above a fixed ~100 MiB; the temporal VAE decode 4,090-4,130 B per output pixel of the chunk, its encode
+# 2,560-2,600 B per pixel; RIFE 302-306 B per pixel of each frame pair. Linear in the size at every point measured.
+UNET_FIXED_BYTES = 96 * MiB
+UNET_BYTES_PER_ELEMENT = 34_500
+VAE_DECODE_BYTES_PER_PIXEL = 4_200
+VAE_ENCODE_BYTES_PER_PIXEL = 2_650
+RIFE_BYTES_PER_PIXEL = 320
 # Whisper-tiny on 30 s chunks, the audio MLPs on TOKEN_BATCH windows and CLIP at 224 px: small and fixed
 AUDIO_AND_CLIP_BYTES = 512 * MiB
 # allocator slack and the sampler's own window buffers, per call
@@ -39,7 +39,7 @@ def unet_call(rows: int, frames: int, latent_h: int, latent_w: int, dtype) -> in
     """One UNet call: `rows` batch rows (3 guidance rows x windows per call, or 1 row in low-VRAM mode) of
     `frames` latent frames of latent_h x latent_w."""
     elements = rows * frames * latent_h * latent_w
-    return math.ceil(elements * UNET_BYTES_PER_ELEMENT * dtype_bytes(dtype) / 4 * SLACK)
+    return math.ceil((UNET_FIXED_BYTES + elements * UNET_BYTES_PER_ELEMENT * dtype_bytes(dtype) / 4) * SLACK)
 
 
 def vae_decode(chunk: int, height: int, width: int, dtype) -> int:
