@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--shift-offset", type=int, default=d_samp.shift_offset, help="window shift per step (frames)")
     gen.add_argument("--windows-per-call", type=int, default=d_samp.windows_per_call, help="windows per UNet call")
     gen.add_argument("--no-interpolation", action="store_true", help="skip RIFE: 12.5 fps output")
+    gen.add_argument("--low-vram", action="store_true", help="guidance rows one after another (a third of the "
+                     "UNet's working memory, same video); on a GPU chosen by itself when the batched call would "
+                     "not fit in free memory")
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     gen.add_argument("--face-detector", default="auto", choices=["auto", "yolo", "dlib"])
@@ -270,6 +273,22 @@ def _options(args: argparse.Namespace) -> tuple[PrepareOptions, SampleOptions]:
     return prep, opts
 
 
+def _low_vram(forced: bool, models, cond, opts) -> bool:
+    import torch
+
+    from . import memory
+
+    free = torch.cuda.mem_get_info(models.device)[0] if models.device.type == "cuda" else None
+    _, _, latent_h, latent_w = cond.image_latents.shape
+    chosen = memory.choose_sequential_guidance(free, opts.windows_per_call, opts.frames_per_window, latent_h,
+                                               latent_w, models.dtype, forced=forced)
+    if chosen and not forced:
+        print("note: low-VRAM mode (guidance rows one after another): the batched UNet call needs "
+              f"{memory.sampling(opts.windows_per_call, opts.frames_per_window, latent_h, latent_w, models.dtype) / 2**30:.1f} "
+              f"GiB, {free / 2**30:.1f} GiB are free", file=sys.stderr)
+    return chosen
+
+
 def generate(args: argparse.Namespace) -> Path:
     import torch
     from tqdm import tqdm
@@ -310,6 +329,7 @@ def generate(args: argparse.Namespace) -> Path:
         print(f"note: the {image.width}x{image.height} photo becomes a {rounded[0]}x{rounded[1]} video (sides are "
               "multiples of 64), which changes its proportions; crop the photo to that shape to keep them",
               file=sys.stderr)
+    opts.sequential_guidance = _low_vram(args.low_vram, models, cond, opts)
     with tqdm(total=1, desc="sampling", unit="call") as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
