@@ -60,7 +60,6 @@ class SonicModel:
     unet_patcher: Any
     image_patchers: list  # diffusers VAE / CLIP when they come from the folder; ComfyUI manages its own
     rife_patcher: Any
-    root: Path
 
     def with_svd(self, vae, clip_vision) -> "SonicModel":
         """The same Sonic networks with ComfyUI's VAE and CLIP_VISION (nothing heavy is copied)."""
@@ -248,4 +247,4 @@ class SonicModelLoader:
                                      "bucket": models.audio_to_bucket})
         image = [] if external else [patcher(models.vae.model), patcher(models.image_encoder.model)]
         return SonicModel(models=models, audio_patcher=patcher(audio), unet_patcher=patcher(models.unet),
-                          image_patchers=image, rife_patcher=patcher(models.rife), root=root)
+                          image_patchers=image, rife_patcher=patcher(models.rife))

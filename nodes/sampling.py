@@ -143,7 +143,7 @@ class SonicPreDataNode:
         width, height = output_size(*(pil.size if not crop else (1, 1)), min_resolution)  # a crop is square
         sonic_model.load("audio", "image", memory_required=memory.prepare(height, width, models.dtype))
         cond = prepare(models, pil, (speech, SAMPLE_RATE), options, located=located)
-        seconds = len(cond.audio_samples) / 16000
+        seconds = len(cond.audio_samples) / SAMPLE_RATE
         return (SonicPreData(cond=cond, audio=trim_audio(audio, seconds)),)
 
 
@@ -215,7 +215,7 @@ class SonicSamplerNode:
                                   cancel=comfy.check_interrupt)
 
         fps = pipeline.output_fps(options, models, cond.num_frames)
-        count = 2 * cond.num_frames - 1 if fps > pipeline.audio_lib.GENERATED_FPS else cond.num_frames
+        count = pipeline.output_frame_count(options, models, cond.num_frames)
         width, height = cond.size
         store = FrameStore(height, width, count, fps, folder=comfy.folder_paths().get_temp_directory())
         sonic_model.load("image", "rife", memory_required=memory.decode(

@@ -339,7 +339,7 @@ def generate(args: argparse.Namespace) -> Path:
 
     num_frames = cond.num_frames
     fps = pipeline.output_fps(opts, models, num_frames)
-    out_frames = 2 * num_frames - 1 if fps > pipeline.audio_lib.GENERATED_FPS else num_frames
+    out_frames = pipeline.output_frame_count(opts, models, num_frames)
     before, final = [], []
 
     def frames():
