@@ -41,7 +41,7 @@ class SonicSmoothMotion:
         from ..sonic.frames import FrameStore
         from ..sonic.smoothing import smooth_video
 
-        box = face_box_in_video(face_box, predata)
+        box = face_box_in_video(face_box, predata, "Sonic Smooth Motion")
         if region != "frame" and box is None:
             raise ValueError(f"region '{region}' needs the face: connect predata or give face_box, or use region 'frame'")
         count, height, width, read = video_source(images, frames, "Sonic Smooth Motion")
@@ -61,17 +61,11 @@ class SonicSmoothMotion:
         return (out.images(0, 1).to(intermediate, torch.float32), handle)
 
 
-def face_box_in_video(face_box: str, predata):
-    """(x, y, w, h) in video pixels: the face_box text, else the face box behind predata's face mask, else None."""
-    box = parse_face_box(face_box)
+def face_box_in_video(face_box: str, predata, node: str):
+    """(x, y, w, h) in video pixels: the face_box text, else predata's face box, else None."""
+    box = parse_face_box(face_box, node)
     if box is None and predata is not None:
-        from ..sonic.image import MASK_AREA
-        from ..sonic.smoothing import mask_box
-
-        mask = mask_box(predata.cond.face_mask[0, 0].numpy())  # the face mask: the face box x MASK_AREA, video pixels
-        if mask is not None:
-            x, y, w, h = mask
-            box = (x + w * (1 - 1 / MASK_AREA) / 2, y + h * (1 - 1 / MASK_AREA) / 2, w / MASK_AREA, h / MASK_AREA)
+        box = predata.cond.video_face_box
     return box
 
 
@@ -139,7 +133,7 @@ class SonicLipSyncCalibrate:
 
         box = None
         if mode != "manual":
-            box = face_box_in_video(face_box, predata)
+            box = face_box_in_video(face_box, predata, "Sonic Lip-Sync Calibrate")
             if box is None:
                 from ..sonic.face import DlibFaceDetector, NoFaceError, largest_face
 

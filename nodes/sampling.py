@@ -41,17 +41,15 @@ class SonicFrames:
         return repr(self.store)
 
 
-def parse_face_box(text: str):
-    text = (text or "").strip()
-    if not text:
-        return None
+def parse_face_box(text: str, node: str = "Sonic PreData"):
+    """The face_box widget: '' -> None (detect), 'x,y,w,h' -> a tuple; anything else names the widget."""
+    from ..sonic.face import parse_face_box as parse
+
     try:
-        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+        return parse(text)
     except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise ValueError(f"face_box {text!r} must be four numbers x,y,w,h in pixels of the image, or empty to detect")
-    return values
+        raise ValueError(f"{node}'s face_box {text.strip()!r} must be four numbers x,y,w,h in pixels, or empty "
+                         "to detect the face") from None
 
 
 def image_to_pil(image):

@@ -16,13 +16,15 @@ from .params import DEFAULT_SEED, PrepareOptions, SampleOptions
 
 
 def _face_box(text: str) -> tuple[float, float, float, float]:
+    from .face import parse_face_box
+
     try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"expected X,Y,W,H in pixels, got {text!r}")
-    return values
+        box = parse_face_box(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if box is None:
+        raise argparse.ArgumentTypeError("expected X,Y,W,H in pixels, got an empty value")
+    return box
 
 
 def _duration(text: str) -> float | None:

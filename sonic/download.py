@@ -176,7 +176,7 @@ def fetch(models_dir: str | os.PathLike, components=DEFAULT_COMPONENTS, fp16: bo
 
     `on_start(files, total_bytes)` is called once the sizes are known (ComfyUI's progress bar); `tqdm_class`
     is handed to huggingface_hub for per-file progress."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download
+    from huggingface_hub import errors, get_hf_file_metadata, hf_hub_download
 
     if _offline():
         raise ConnectionError("HF_HUB_OFFLINE is set, so nothing can be downloaded: unset it (or copy the files "
@@ -205,13 +205,11 @@ def fetch(models_dir: str | os.PathLike, components=DEFAULT_COMPONENTS, fp16: bo
         try:
             path = Path(hf_hub_download(item.repo, item.filename, local_dir=local_dir, endpoint=endpoint,
                                         **progress))
-        except Exception as exc:  # noqa: BLE001
-            from huggingface_hub import errors
-
-            if isinstance(exc, errors.HfHubHTTPError) or isinstance(exc, (OSError, ValueError)) and not isinstance(
-                    exc, (PermissionError, FileNotFoundError)):
-                raise _hub_error(exc, item, endpoint) from exc
-            raise
+        except (errors.HfHubHTTPError, OSError, ValueError) as exc:  # not ComfyUI's Cancel: that passes through
+            if isinstance(exc, (PermissionError, IsADirectoryError, NotADirectoryError)) and not isinstance(
+                    exc, errors.HfHubHTTPError):
+                raise  # the models folder itself: its own message names the path
+            raise _hub_error(exc, item, endpoint) from exc
         downloaded = _stat(path) != before
         meta = metadata[item]
         size = path.stat().st_size

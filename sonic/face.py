@@ -170,3 +170,17 @@ def square_crop_box(face: FaceBox, width: int, height: int, expand_ratio: float)
     elif ew > eh:
         cx += np.sign(fx - cx) * min(abs(eh - ew) / 2, abs(fx - cx))
     return tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half))
+
+
+def parse_face_box(text: str) -> FaceBox | None:
+    """'x,y,w,h' in pixels (spaces allowed) -> a tuple; '' -> None; anything else -> ValueError."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise ValueError(f"expected four numbers x,y,w,h in pixels, got {text!r}")
+    return values

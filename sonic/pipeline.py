@@ -48,6 +48,7 @@ class SonicConditioning:
     audio_samples: np.ndarray  # 16 kHz mono, trimmed to the requested duration
     face_box: FaceBox  # in the animated image (after the crop)
     crop_box: tuple[int, int, int, int] | None  # x1, y1, x2, y2 in the input image, when cropped
+    image_size: tuple[int, int]  # (width, height) of the animated image (after the crop, before resizing)
     extras: dict = field(default_factory=dict)  # intermediates, only with prepare(keep_intermediates=True)
 
     @property
@@ -58,6 +59,13 @@ class SonicConditioning:
     def size(self) -> tuple[int, int]:
         """(width, height) of the video."""
         return self.ref_image.shape[3], self.ref_image.shape[2]
+
+    @property
+    def video_face_box(self) -> FaceBox:
+        """The face box (x, y, w, h) in pixels of the video (the animated image resized to the video's size)."""
+        x, y, w, h = self.face_box
+        sx, sy = self.size[0] / self.image_size[0], self.size[1] / self.image_size[1]
+        return (x * sx, y * sy, w * sx, h * sy)
 
 
 def locate_face(models: SonicModels, img, options: PrepareOptions):
@@ -159,6 +167,7 @@ def prepare(models: SonicModels, image, audio, options: PrepareOptions | None = 
         audio_samples=samples,
         face_box=face,
         crop_box=crop,
+        image_size=img.size,
         extras=extras,
     )
 

@@ -121,10 +121,3 @@ def smooth_video(read_chunks, height: int, width: int, alpha: float = 0.3, regio
     trajectory = estimate_trajectory(read_chunks(), weights)
     return shift_frames(read_chunks(), smoothing_shifts(trajectory, alpha))
 
-
-def mask_box(mask: np.ndarray, threshold: float = 0.5):
-    """(x, y, w, h) of the region where a [H, W] mask exceeds `threshold`, or None."""
-    ys, xs = np.nonzero(mask > threshold)
-    if len(xs) == 0:
-        return None
-    return (float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1))

@@ -128,3 +128,20 @@ def test_sequential_guidance_rows_give_the_same_latents(tiny_models, tiny_cond, 
 def test_wrong_noise_shape_is_rejected(tiny_models, tiny_cond):
     with pytest.raises(ValueError, match="initial noise has shape"):
         pipeline.sample(tiny_models, tiny_cond, SampleOptions(), noise=torch.zeros(1, 3, 4, 32, 16))
+
+
+def test_face_box_in_video_pixels_matches_the_face_mask(tiny_cond, tiny_params):
+    """Post-processing reads the face from the conditioning in video pixels; the face mask (the box x 1.1 in the
+    portrait, resized with the image) must sit on the same place."""
+    from sonic.image import MASK_AREA
+
+    x, y, w, h = tiny_cond.video_face_box
+    width, height = tiny_cond.size
+    px, py, pw, ph = tiny_params["face_bbox_xywh"]
+    assert tiny_cond.image_size == (144, 256) and (width, height) == (128, 256)
+    assert (x, w) == pytest.approx((px * 128 / 144, pw * 128 / 144)) and (y, h) == pytest.approx((py, ph))
+    ys, xs = torch.nonzero(tiny_cond.face_mask[0, 0] > 0.5, as_tuple=True)
+    mask_w, mask_h = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+    assert abs(mask_w - w * MASK_AREA) <= 2 and abs(mask_h - h * MASK_AREA) <= 2
+    assert abs((xs.min() + xs.max() + 1) / 2 - (x + w / 2)) <= 1.5
+    assert abs((ys.min() + ys.max() + 1) / 2 - (y + h / 2)) <= 1.5
