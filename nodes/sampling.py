@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,9 +10,7 @@ from . import comfy
 
 log = logging.getLogger(__name__)
 
-MAX_IMAGE_BATCH_BYTES = 4 * 2**30  # auto mode: above this a float32 IMAGE batch becomes a frames file
-_FACE_CACHE: OrderedDict = OrderedDict()  # (image digest, crop settings, detector) -> (face box, crop box)
-_FACE_CACHE_SIZE = 32
+_FACE_CACHE = None  # sonic.face.FaceCache, made on first use (importing the engine here would import torch)
 
 
 @dataclass
@@ -111,7 +107,7 @@ class SonicPreDataNode:
     def prepare(self, sonic_model, image, audio, min_resolution=512, duration=0.0, crop=False, expand_ratio=0.5,
                 face_box=""):
         from ..sonic.audio import SAMPLE_RATE
-        from ..sonic.face import NoFaceError
+        from ..sonic.face import FaceCache, NoFaceError
         from ..sonic.params import PrepareOptions
         from ..sonic.pipeline import load_speech, locate_face, prepare
 
@@ -121,19 +117,18 @@ class SonicPreDataNode:
         pil = image_to_pil(image)
         models = sonic_model.models
         detector = getattr(models.face_detector, "name", "none")
-        key = (hashlib.sha256(pil.tobytes()).hexdigest(), pil.size, options.face_box, crop, expand_ratio, detector)
-        located = _FACE_CACHE.get(key)
-        if located is None:
+        global _FACE_CACHE
+        if _FACE_CACHE is None:
+            _FACE_CACHE = FaceCache()
+
+        def analyse():
             try:
-                located = locate_face(models, pil, options)
+                return locate_face(models, pil, options)
             except NoFaceError as exc:
                 raise exc.with_hint("type the face box into Sonic PreData's face_box widget as x,y,w,h "
                                     "(pixels of the photo)") from None
-            _FACE_CACHE[key] = located
-            while len(_FACE_CACHE) > _FACE_CACHE_SIZE:
-                _FACE_CACHE.popitem(last=False)
-        else:
-            _FACE_CACHE.move_to_end(key)
+
+        located = _FACE_CACHE.get(FaceCache.key(pil, options.face_box, crop, expand_ratio, detector), analyse)
         comfy.check_interrupt()
         from ..sonic import memory
         from ..sonic.image import output_size
@@ -190,7 +185,7 @@ class SonicSamplerNode:
     def sample(self, sonic_model, predata, seed, steps=25, dynamic_scale=1.0, motion_scale=1.0, audio_guidance=7.5,
                appearance_guidance=2.0, ip_audio_scale=1.0, output="auto"):
         from ..sonic import pipeline
-        from ..sonic.frames import FrameStore
+        from ..sonic.frames import FrameStore, as_image_batch
         from ..sonic.params import SampleOptions
 
         models, cond = sonic_model.models, predata.cond
@@ -228,6 +223,5 @@ class SonicSamplerNode:
 
         _, _, intermediate = comfy.devices()
         audio = trim_audio(predata.audio, count / fps)
-        as_images = output == "images" or (output == "auto" and count * height * width * 3 * 4 <= MAX_IMAGE_BATCH_BYTES)
-        images = store.images() if as_images else store.images(0, 1)
+        images = store.images() if as_image_batch(output, count, height, width) else store.images(0, 1)
         return (images.to(intermediate), audio, float(fps), SonicFrames(store=store, audio=audio, fps=float(fps)))

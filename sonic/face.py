@@ -184,3 +184,33 @@ def parse_face_box(text: str) -> FaceBox | None:
     if len(values) != 4:
         raise ValueError(f"expected four numbers x,y,w,h in pixels, got {text!r}")
     return values
+
+
+class FaceCache:
+    """The last `size` face analyses (face box, crop box) by what they depend on: the image's pixels and the
+    crop settings and detector. The same portrait with new audio is not analysed again."""
+
+    def __init__(self, size: int = 32):
+        from collections import OrderedDict
+
+        self.size, self._items = size, OrderedDict()
+
+    @staticmethod
+    def key(image, *settings) -> tuple:
+        """`image`: a PIL image; `settings`: whatever else changes the result (crop, margin, box, detector)."""
+        import hashlib
+
+        return (hashlib.sha256(image.tobytes()).hexdigest(), image.size, *settings)
+
+    def get(self, key, compute):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = compute()
+        self._items[key] = value
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)

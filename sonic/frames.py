@@ -16,6 +16,18 @@ import numpy as np
 import torch
 
 
+MAX_IMAGE_BATCH_BYTES = 4 * 2**30  # output "auto": above this a float32 frame batch becomes a frames file
+OUTPUT_MODES = ("auto", "images", "frames file")
+
+
+def as_image_batch(output: str, count: int, height: int, width: int) -> bool:
+    """Whether a video of `count` frames is handed on as a float32 frame batch ('images') or left in its frames
+    file with one preview frame ('frames file'); 'auto' keeps batches up to 4 GB."""
+    if output not in OUTPUT_MODES:
+        raise ValueError(f"output {output!r} is not one of {', '.join(OUTPUT_MODES)}")
+    return output == "images" or (output == "auto" and count * height * width * 3 * 4 <= MAX_IMAGE_BATCH_BYTES)
+
+
 class FrameStore:
     """Append-only uint8 frames [N, H, W, 3] in a file (plain writes and positioned reads: no mapping, so the
     process's memory does not grow with the video). The file is removed with the store."""

@@ -66,3 +66,22 @@ def test_broken_yolo_file_names_the_file(tmp_path):
     path.write_bytes(b"\0" * 100)
     with pytest.raises(ValueError, match="yoloface_v5m.pt"):
         YoloFaceDetector(path, torch.device("cpu"))
+
+
+def test_face_cache_keeps_the_last_analyses_by_pixels_and_settings():
+    from PIL import Image
+
+    from sonic.face import FaceCache
+
+    cache, computed = FaceCache(size=2), []
+    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+
+    def analyse(name):
+        return lambda: computed.append(name) or name
+
+    assert cache.get(FaceCache.key(red, False), analyse("red")) == "red"
+    assert cache.get(FaceCache.key(red.copy(), False), analyse("again")) == "red"  # same pixels: not analysed again
+    cache.get(FaceCache.key(red, True), analyse("red cropped"))  # other settings: analysed
+    cache.get(FaceCache.key(blue, False), analyse("blue"))  # a third entry pushes out the least recently used
+    cache.get(FaceCache.key(red, False), analyse("red again"))
+    assert computed == ["red", "red cropped", "blue", "red again"] and len(cache) == 2

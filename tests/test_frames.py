@@ -37,3 +37,14 @@ def test_wrong_frames_are_rejected(tmp_path):
         store.append(np.zeros((1, 5, 6, 3), np.uint8))
     del store
     assert not list(tmp_path.iterdir())
+
+
+def test_frames_file_policy():
+    from sonic.frames import MAX_IMAGE_BATCH_BYTES, as_image_batch
+
+    frames_at_limit = MAX_IMAGE_BATCH_BYTES // (512 * 512 * 3 * 4)  # 4 GB of float32 512x512 frames: 1365
+    assert as_image_batch("auto", frames_at_limit, 512, 512) is True
+    assert as_image_batch("auto", frames_at_limit + 1, 512, 512) is False
+    assert as_image_batch("images", 10**6, 512, 512) is True and as_image_batch("frames file", 1, 8, 8) is False
+    with pytest.raises(ValueError, match="output 'video' is not one of auto, images, frames file"):
+        as_image_batch("video", 1, 8, 8)

@@ -175,7 +175,7 @@ def test_same_portrait_with_new_audio_reuses_the_face_analysis(comfy_env, monkey
     from comfy_harness import load_pack  # noqa: F401  (pack already loaded by the fixture)
 
     model, image, audio = _inputs(comfy_env)
-    comfy_env["pack"].nodes.sampling._FACE_CACHE.clear()  # earlier tests may have analysed this portrait
+    monkeypatch.setattr(comfy_env["pack"].nodes.sampling, "_FACE_CACHE", None)  # earlier tests analysed it
     calls = []
     detector = model.models.face_detector
     original = detector.detect
