@@ -180,10 +180,15 @@ class SonicSamplerNode:
                            "images: a normal IMAGE batch. frames file: uint8 frames on disk for long videos "
                            "(IMAGE output is then one preview frame). auto: frames file above 4 GB of IMAGE."}),
             },
+            "optional": {  # optional, so that API prompts written before it existed stay valid
+                "compile": ("BOOLEAN", {"default": False, "tooltip":
+                            "torch.compile the UNet: the first run at a new video size compiles (minutes), later "
+                            "runs at that size are faster. Same video within float noise."}),
+            },
         }
 
     def sample(self, sonic_model, predata, seed, steps=25, dynamic_scale=1.0, motion_scale=1.0, audio_guidance=7.5,
-               appearance_guidance=2.0, ip_audio_scale=1.0, output="auto"):
+               appearance_guidance=2.0, ip_audio_scale=1.0, output="auto", compile=False):
         from ..sonic import pipeline
         from ..sonic.frames import FrameStore, as_image_batch
         from ..sonic.params import SampleOptions
@@ -192,7 +197,7 @@ class SonicSamplerNode:
         options = SampleOptions(inference_steps=steps, seed=seed, dynamic_scale=dynamic_scale,
                                 motion_scale=motion_scale, audio_guidance=audio_guidance,
                                 min_appearance_guidance=appearance_guidance, max_appearance_guidance=appearance_guidance,
-                                ip_audio_scale=ip_audio_scale)
+                                ip_audio_scale=ip_audio_scale, compile=compile)
         from ..sonic import memory
 
         bar = comfy.progress_bar(1)

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--low-vram", action="store_true", help="guidance rows one after another (a third of the "
                      "UNet's working memory, same video); on a GPU chosen by itself when the batched call would "
                      "not fit in free memory")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the UNet (compiling takes minutes; "
+                     "worth it for long videos)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     gen.add_argument("--face-detector", default="auto", choices=["auto", "yolo", "dlib"])
@@ -271,7 +273,7 @@ def _options(args: argparse.Namespace) -> tuple[PrepareOptions, SampleOptions]:
                          min_appearance_guidance=args.min_appearance_guidance,
                          max_appearance_guidance=args.max_appearance_guidance, audio_guidance=args.audio_guidance,
                          shift_offset=args.shift_offset, windows_per_call=args.windows_per_call,
-                         interpolation=not args.no_interpolation)
+                         interpolation=not args.no_interpolation, compile=args.compile)
     return prep, opts
 
 

@@ -55,6 +55,7 @@ class SampleOptions:
     windows_per_call: int = 1  # windows batched into one UNet call (same result, more memory)
     interpolation_batch: int = 4  # frame pairs per RIFE call
     sequential_guidance: bool = False  # low-VRAM: the three guidance rows one after another (same result)
+    compile: bool = False  # torch.compile the UNet (kept for later runs; compiles again only for new shapes)
 
     def __post_init__(self) -> None:
         _check(1 <= self.inference_steps <= 1000, f"inference_steps must be between 1 and 1000, got {self.inference_steps}")

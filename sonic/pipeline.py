@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -172,6 +173,21 @@ def prepare(models: SonicModels, image, audio, options: PrepareOptions | None = 
     )
 
 
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # UNet -> its torch.compile wrapper
+
+
+def unet_for(models: SonicModels, options: SampleOptions):
+    """The UNet to call: the module itself, or (options.compile) its compiled wrapper, made once per UNet and
+    kept for every later run. Shapes are static (a video size and window length compile once; another size
+    compiles again); the audio attention adds no graph break (tested with torch._dynamo.explain)."""
+    if not options.compile:
+        return models.unet
+    compiled = _COMPILED.get(models.unet)
+    if compiled is None:
+        compiled = _COMPILED[models.unet] = torch.compile(models.unet, dynamic=False)
+    return compiled
+
+
 class SonicDenoiser:
     """The UNet with Sonic's conditioning and three-row guidance [uncond, drop-audio, cond] (spec §3.6)."""
 
@@ -179,6 +195,7 @@ class SonicDenoiser:
                  cancel: CancelFn | None = None):
         device, dtype = models.device, models.dtype
         self.models, self.options, self.cancel = models, options, cancel
+        self.unet = unet_for(models, options)
         self.fps = audio_lib.GENERATED_FPS
         zeros_latent = torch.zeros_like(cond.image_latents)
         # [3, 1, 4, h, w]: no image for the unconditional row
@@ -231,7 +248,7 @@ class SonicDenoiser:
         """One UNet call on [rows, L, 8, h, w] with rows' tokens [rows, L, T, D] -> v [rows, L, 4, h, w]."""
         models = self.models
         with models.audio_conditioning.bind(tokens.flatten(0, 1), length, self.face_mask, self.options.ip_audio_scale):
-            return models.unet(sample, timestep, encoder_hidden_states=clip.contiguous(),
+            return self.unet(sample, timestep, encoder_hidden_states=clip.contiguous(),
                                added_time_ids=time_ids.contiguous(), return_dict=False)[0]
 
 
