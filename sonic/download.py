@@ -7,8 +7,6 @@ blob hash for small ones) and every component is then opened the way Sonic opens
 checkpoints must fit the networks built from their configs tensor for tensor (`checkpoints.check_state_dict`),
 the transformers / diffusers folders must load without a missing or mis-shaped weight. A file that fails is
 deleted, so nothing unusable stays in the layout, and the error says what to do.
-
-torch is imported only for the structure check, after the downloads.
 """
 
 from __future__ import annotations
