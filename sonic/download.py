@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .batch.storage import sha256_file
 from .checkpoints import SVD_DIR, WHISPER_DIR, YOLO_FILE, ModelLayout
 
 SONIC_REPO = "LeonJoe13/Sonic"
@@ -130,19 +131,11 @@ def _git_blob_sha1(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _hash_matches(path: Path, etag: str | None) -> bool | None:
     """True/False against the hub's etag (sha256 of LFS files, git blob sha1 of the others); None if unknown."""
     etag = (etag or "").strip('"').removeprefix("W/").strip('"').lower()
     if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag):
-        return _sha256(path) == etag
+        return sha256_file(path)[0] == etag
     if len(etag) == 40 and all(c in "0123456789abcdef" for c in etag):
         return _git_blob_sha1(path) == etag
     return None
@@ -162,7 +155,7 @@ def _forget(local_dir: Path, item: RemoteFile) -> None:
 
 def _present_as_safetensors(layout: ModelLayout, item: RemoteFile) -> bool:
     """A Sonic or RIFE pickle whose `.safetensors` twin (`python -m sonic convert`) is already there."""
-    if item.repo != SONIC_REPO or not item.filename.endswith((".pth", ".pkl")) or item.filename == YOLO_FILE:
+    if item.repo != SONIC_REPO or not item.filename.endswith((".pth", ".pkl")):
         return False
     return (layout.root / Path(item.filename).with_suffix(".safetensors")).is_file()
 
@@ -240,7 +233,6 @@ def verify(models_dir: str | os.PathLike, components=DEFAULT_COMPONENTS,
     import torch
 
     from . import loader
-    from .checkpoints import check_state_dict, read_state_dict
     from .models.audio_proj import AudioToBucket, AudioToTokens
 
     layout = ModelLayout(Path(models_dir))
@@ -253,27 +245,16 @@ def verify(models_dir: str | os.PathLike, components=DEFAULT_COMPONENTS,
         except (ValueError, FileNotFoundError, OSError, RuntimeError, KeyError) as exc:
             problems.append((files, str(exc)))
 
-    def mlp(cls, path: Path) -> None:
-        state = read_state_dict(path)
-        try:
-            with meta:
-                net = cls.from_state_dict_shapes(state)
-        except KeyError as exc:
-            raise ValueError(f"checkpoint {path} lacks tensor {exc}; it is not the official Sonic file") from exc
-        check_state_dict(net, state, path)
+    tokens = {}
 
     def unet() -> None:
-        from .models.unet import build_sonic_unet
-
-        with meta:
-            token_dim = AudioToTokens.from_state_dict_shapes(read_state_dict(layout.audio2token)).token_dim
-        net, _ = build_sonic_unet(loader._read_json(layout.svd_config("unet/config.json")), token_dim, device="meta")
-        check_state_dict(net, read_state_dict(layout.unet), layout.unet)
+        loader.load_unet(layout, tokens["net"].token_dim, meta, torch.float32)
 
     if "sonic" in components:
-        check((layout.audio2token,), lambda: mlp(AudioToTokens, layout.audio2token))
-        check((layout.audio2bucket,), lambda: mlp(AudioToBucket, layout.audio2bucket))
-        if not problems:
+        check((layout.audio2token,),
+              lambda: tokens.update(net=loader.load_audio_mlp(AudioToTokens, layout.audio2token, meta)))
+        check((layout.audio2bucket,), lambda: loader.load_audio_mlp(AudioToBucket, layout.audio2bucket, meta))
+        if "net" in tokens:  # the UNet's audio width comes from audio2token
             check((layout.unet,), unet)
     if "rife" in components:
         check((layout.rife,), lambda: loader.load_rife(layout.rife, meta))

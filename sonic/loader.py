@@ -133,19 +133,22 @@ def load_whisper(layout: ModelLayout, device: torch.device):
     return encoder, extractor
 
 
+def load_audio_mlp(cls, path: Path, device: torch.device):
+    """One audio MLP (AudioToTokens / AudioToBucket), its size read off the checkpoint, checked strictly."""
+    state = read_state_dict(path)
+    try:
+        with torch.device("meta"):
+            net = cls.from_state_dict_shapes(state)
+    except KeyError as exc:
+        raise ValueError(f"checkpoint {path} lacks tensor {exc}; is it the official Sonic file?") from exc
+    return load_checked(net, state, path).to(device=device, dtype=torch.float32).eval()
+
+
 def load_audio_mlps(layout: ModelLayout, device: torch.device):
     from .models.audio_proj import AudioToBucket, AudioToTokens
 
-    nets = []
-    for cls, path in ((AudioToTokens, layout.audio2token), (AudioToBucket, layout.audio2bucket)):
-        state = read_state_dict(path)
-        try:
-            with torch.device("meta"):
-                net = cls.from_state_dict_shapes(state)
-        except KeyError as exc:
-            raise ValueError(f"checkpoint {path} lacks tensor {exc}; is it the official Sonic file?") from exc
-        nets.append(load_checked(net, state, path).to(device=device, dtype=torch.float32).eval())
-    return nets
+    return [load_audio_mlp(AudioToTokens, layout.audio2token, device),
+            load_audio_mlp(AudioToBucket, layout.audio2bucket, device)]
 
 
 def load_unet(layout: ModelLayout, audio_dim: int, device: torch.device, dtype: torch.dtype):
