@@ -23,7 +23,7 @@ from .face import FaceBox, largest_face, square_crop_box, validate_face_box
 from .image import PortraitTensors, load_image, prepare_portrait
 from .loader import SonicModels
 from .params import PrepareOptions, SampleOptions
-from .sampler import guidance_schedule, sample_windows, schedule_from_config
+from .sampler import gather_to_device, guidance_schedule, sample_windows, schedule_from_config, to_device
 
 log = logging.getLogger(__name__)
 
@@ -224,14 +224,13 @@ class SonicDenoiser:
         images = self.image_rows[None].expand(n, 3, length, *self.image_rows.shape[2:])
         sample = torch.cat([latents, images], dim=3)
 
-        cond_tokens = self.tokens[frames].to(device, dtype, non_blocking=True)  # [n, L, T, D]
+        cond_tokens = gather_to_device(self.tokens, frames, device).to(dtype)  # [n, L, T, D]
         uncond = self.uncond.expand(n, length, *self.uncond.shape[1:])
         tokens = torch.stack([uncond, uncond, cond_tokens], dim=1)  # [n, 3, L, T, D]
 
         window_buckets = self.buckets[frames].mean(dim=1)  # [n, 2]
         fps = torch.full((n, 1), self.fps)
-        time_ids = torch.cat([fps, window_buckets], dim=1)[:, None].expand(n, 3, 3).to(device, dtype,
-                                                                                       non_blocking=True)
+        time_ids = to_device(torch.cat([fps, window_buckets], dim=1), device)[:, None].expand(n, 3, 3).to(dtype)
         clip = self.clip_rows[None].expand(n, *self.clip_rows.shape)  # [n, 3, 1, D]
 
         if self.options.sequential_guidance:  # low-VRAM: one guidance row per call, a third of the activations
@@ -272,7 +271,9 @@ def sample(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
 ) -> torch.Tensor:
-    """Conditioning -> final latents [1, F, 4, h, w] (in the model dtype, on the model device)."""
+    """Conditioning -> final latents [1, F, 4, h, w] in the model dtype, in host memory. GPU memory does not
+    grow with the video's length, except for the official noise draw [1, F, 4, h, w] on the device (kept for the
+    same random numbers; copied to the host before the first UNet call)."""
     options = options or SampleOptions()
     device, dtype = models.device, models.dtype
     expected = (1, cond.num_frames, *cond.image_latents.shape[1:])
@@ -281,8 +282,10 @@ def sample(
     elif tuple(noise.shape) != expected:
         raise ValueError(f"initial noise has shape {tuple(noise.shape)}, expected {expected} for this input")
     sigmas, timesteps = schedule_from_config(models.scheduler_config, options.inference_steps, options.noise_strength)
-    ref_latents = cond.image_latents.to(device, dtype) * models.vae.scaling_factor  # [1, 4, h, w]
-    latents = ref_latents + noise[0].to(device, dtype) * sigmas[0].to(device, dtype)  # [F, 4, h, w]
+    # the full-length latents live in host memory; the sampler sends one call's windows at a time to the device
+    ref_latents = cond.image_latents.to(dtype) * models.vae.scaling_factor  # [1, 4, h, w]
+    latents = ref_latents + noise[0].to("cpu", dtype) * sigmas[0].to(dtype)  # [F, 4, h, w]
+    del noise
 
     denoiser = SonicDenoiser(models, cond, options, len(timesteps), cancel)
     latents = sample_windows(
@@ -290,6 +293,7 @@ def sample(
         latents,
         sigmas,
         timesteps,
+        device=device,
         window=options.frames_per_window,
         overlap=options.overlap,
         shift_offset=options.shift_offset,

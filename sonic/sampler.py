@@ -66,12 +66,58 @@ def window_indices(num_frames: int, window: int, overlap: int, shift: int) -> to
     return (starts[:, None] + torch.arange(window)[None, :]) % num_frames
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: a CUDA copy from pageable memory first waits for
+    all queued GPU work, one from page-locked memory does not (PyTorch keeps the page-locked block until the copy
+    is done)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def gather_to_device(host: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """host[index] on `device`: gathered on the host (into page-locked memory for CUDA), then one async copy."""
+    if device.type != "cuda":
+        return host[index].to(device)
+    staged = torch.empty((*index.shape, *host.shape[1:]), dtype=host.dtype, pin_memory=True)
+    torch.index_select(host, 0, index.reshape(-1), out=staged.view(-1, *host.shape[1:]))
+    return staged.to(device, non_blocking=True)
+
+
+class _HostAccumulator:
+    """Sums window results into a full-length host buffer. A device result is copied back asynchronously and
+    added one call later, so the host never waits for the GPU while it still has work queued."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending: tuple | None = None
+
+    def add_later(self, summed: torch.Tensor, index: torch.Tensor, stepped: torch.Tensor) -> None:
+        copied = stepped.to("cpu", non_blocking=True)  # lands in page-locked memory for CUDA
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        self.flush()
+        self.pending = (summed, index, copied, done)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        summed, index, copied, done = self.pending
+        self.pending = None
+        if done is not None:
+            done.synchronize()
+        summed.index_add_(0, index.reshape(-1), copied.flatten(0, 1))
+
+
 def sample_windows(
     denoise: Denoiser,
     latents: torch.Tensor,
     sigmas: torch.Tensor,
     timesteps: torch.Tensor,
     *,
+    device: torch.device | str | None = None,
     window: int = 25,
     overlap: int = 0,
     shift_offset: int = 7,
@@ -79,32 +125,41 @@ def sample_windows(
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Denoise [F, C, h, w] latents from sigmas[0] to sigmas[-1]; every window of a step reads the latents of
-    the previous step, frames covered by several windows are averaged."""
+    the previous step, frames covered by several windows are averaged.
+
+    The full-length latents stay where they are given (host memory) and come back there; only the windows of
+    one call visit `device` (default: the latents' device), so device memory does not grow with the video's
+    length. Two full-length host buffers take turns: one holds the sums of the previous step, which windows
+    read divided by their coverage counts, the other collects the sums of this step."""
     num_frames = latents.shape[0]
-    device = latents.device
+    device = torch.device(device) if device is not None else latents.device
+    host = latents.device
     # the schedule stays on the CPU as float32 scalars (0-dim CPU tensors combine with device tensors without a
     # copy back): reading a device tensor per call would synchronise with the host
     sigmas = sigmas.cpu()
     calls_per_step = -(-len(window_starts(num_frames, window, overlap)) // windows_per_call)
     total_calls, calls = calls_per_step * len(timesteps), 0
-    x = latents
+    accumulator = _HostAccumulator(device)
+    buffers = [torch.empty_like(latents, device=host) for _ in range(min(2, len(timesteps)))]
+    read, read_counts = latents, None  # step 0 reads the given latents as they are
     for step in range(len(timesteps)):
         sigma, sigma_next = sigmas[step], sigmas[step + 1]
-        timestep = timesteps[step].to(device, non_blocking=True)
+        timestep = to_device(timesteps[step], device)
         windows = window_indices(num_frames, window, overlap, step * shift_offset)  # CPU: gathers stay async
-        summed = torch.zeros_like(x)
-        counts = torch.bincount(windows.flatten(), minlength=num_frames).to(device, x.dtype, non_blocking=True)
+        summed = buffers[step % 2].zero_()
         for group in windows.split(windows_per_call):
-            index = group.to(device, non_blocking=True)
-            x_win = x[index]  # [n, L, C, h, w]
+            x_win = gather_to_device(read, group, device)  # [n, L, C, h, w]
+            if read_counts is not None:
+                x_win = x_win / gather_to_device(read_counts, group, device)[..., None, None, None]
             v = denoise(scale_input(x_win, sigma), group, step, timestep)
-            stepped = euler_step(x_win, v, sigma, sigma_next)
-            summed.index_add_(0, index.flatten(), stepped.flatten(0, 1))
+            accumulator.add_later(summed, group, euler_step(x_win, v, sigma, sigma_next))
             calls += 1
-            if callback is not None:
+            if callback is not None:  # queued, as the GPU sees it; the host is at most one call behind
                 callback(calls, total_calls)
-        x = summed / counts.view(num_frames, *([1] * (x.dim() - 1)))
-    return x
+        accumulator.flush()  # the next step reads all of this one
+        counts = torch.bincount(windows.flatten(), minlength=num_frames).to(latents.dtype)
+        read, read_counts = summed, counts
+    return read.div_(read_counts.view(num_frames, *([1] * (latents.dim() - 1)))) if read_counts is not None else read
 
 
 def guidance_schedule(start: float, end: float, num_steps: int) -> Sequence[float]:

@@ -34,3 +34,45 @@ def ui_template_path(name: str):
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1] / "workflows" / f"{workflow_templates()[name]['title']}.json"
+
+
+class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of tensor storages that operators create while it is active, and the peak of those
+    still alive (a storage is counted once however many views share it; in-place and out= results are not new).
+    `mark()` restarts the peak from what is alive now, so `peak - at_mark` is what the code allocated beyond
+    that point at its worst."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._weak_ref = StorageWeakRef
+        self._live: dict[int, tuple[object, int]] = {}  # data_ptr -> (weak ref, bytes)
+        self.live = self.peak = self.at_mark = 0
+
+    def mark(self) -> None:
+        self._collect()
+        self.at_mark = self.peak = self.live
+
+    def _collect(self) -> None:
+        for ptr, (ref, nbytes) in list(self._live.items()):
+            if ref.expired():
+                del self._live[ptr]
+                self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        self._collect()
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr in inputs or ptr in self._live or storage.nbytes() == 0:
+                continue
+            self._live[ptr] = (self._weak_ref(storage), storage.nbytes())
+            self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        return out
