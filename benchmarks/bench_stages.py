@@ -99,11 +99,12 @@ class Recorder:
         self.rows.append(row)
 
     def table(self) -> str:
-        lines = [f"{'stage':<16}{'seconds':>10}{'per item':>16}{'GPU peak GiB':>14}{'RSS GiB':>10}"]
+        lines = [f"{'size':<10}{'stage':<16}{'seconds':>10}{'per item':>16}{'GPU peak GiB':>14}{'RSS GiB':>10}"]
         for r in self.rows:
             per = f"{r['per_item_s']:.3f}s/{r['unit']}" if "per_item_s" in r else ""
             gpu = f"{r['gpu_peak_gib']:.2f}" if "gpu_peak_gib" in r else "-"
-            lines.append(f"{r['stage']:<16}{r['seconds']:>10.2f}{per:>16}{gpu:>14}{r['cpu_peak_rss_gib']:>10.2f}")
+            lines.append(f"{r.get('size', ''):<10}{r['stage']:<16}{r['seconds']:>10.2f}{per:>16}{gpu:>14}"
+                         f"{r['cpu_peak_rss_gib']:>10.2f}")
         return "\n".join(lines)
 
 
@@ -117,6 +118,82 @@ def speech(seconds: float | None, path: Path) -> tuple[np.ndarray, int]:
     return data, rate
 
 
+def unet_call_flops(models, cond, options: SampleOptions) -> float:
+    """Floating-point operations of one UNet call at this run's shape, counted by PyTorch's FlopCounterMode on a
+    copy of the architecture on `meta` (no memory, no time): the numerator of the model FLOP utilisation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sonic.models.unet import build_sonic_unet
+
+    unet, conditioning = build_sonic_unet(dict(models.unet.config), cond.audio_tokens.shape[-1])
+    unet.to("meta")  # diffusers makes its mix factors on the CPU whatever the default device
+    rows = options.windows_per_call * (1 if options.sequential_guidance else 3)
+    length, (_, channels, h, w) = options.frames_per_window, cond.image_latents.shape
+    with torch.device("meta"):
+        sample = torch.zeros(rows, length, 2 * channels, h, w)
+        tokens = torch.zeros(rows * length, *cond.audio_tokens.shape[1:])
+        mask, clip = torch.zeros(cond.face_mask.shape), torch.zeros(rows, 1, cond.image_embeds.shape[-1])
+        time_ids, timestep = torch.zeros(rows, 3), torch.zeros(())
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), torch.device("meta"), \
+            conditioning.bind(tokens, length, mask, options.ip_audio_scale):
+        unet(sample, timestep, encoder_hidden_states=clip, added_time_ids=time_ids, return_dict=False)
+    per_call = counter.get_total_flops()
+    return per_call * (3 if options.sequential_guidance else 1)  # the three rows of one denoiser call
+
+
+def run_once(models, image, face, samples, size: int, options: SampleOptions, rec: "Recorder",
+             peak_tflops: float | None) -> dict:
+    """One generation at `size` (min_resolution) with `options`; stage rows go to `rec`, the summary is returned."""
+    from sonic.video_io import write_mp4
+
+    first = len(rec.rows)
+    prep = PrepareOptions(min_resolution=size, face_box=face)
+    with rec.stage("prepare total"):
+        cond = pipeline.prepare(models, image, (samples, pipeline.audio_lib.SAMPLE_RATE), prep, keep_intermediates=True)
+    with rec.stage("CLIP"):
+        models.image_encoder.embed(cond.extras["clip_image"][None])
+    with rec.stage("VAE encode"):
+        models.vae.encode_mean(cond.ref_image)
+    with rec.stage("audio encode", cond.num_frames, "frame"):
+        pipeline.encode_audio(models, samples, cond.image_embeds)
+
+    calls = []
+    with rec.stage("sampling"):
+        latents = pipeline.sample(models, cond, options, progress=lambda done, total: calls.append(total))
+    sampling = rec.rows[-1]
+    sampling.update(per_item_s=sampling["seconds"] / calls[-1], items=calls[-1], unit="call")
+    flops = unet_call_flops(models, cond, options)
+    sampling["unet_tflop_per_call"] = flops / 1e12
+    if peak_tflops:
+        sampling["mfu"] = flops / sampling["per_item_s"] / (peak_tflops * 1e12)
+
+    with rec.stage("VAE decode", cond.num_frames, "frame"):
+        decoded = [c for c in pipeline.decode_chunks(models, latents, options.decode_chunk_size)]
+    with rec.stage("RIFE x2", 2 * cond.num_frames - 1, "frame"):
+        final = [pipeline.to_uint8_frames(c) for c in pipeline.interpolate_chunks(models.rife, iter(decoded))]
+    del decoded
+    width, height = cond.size
+    total = sum(f.shape[0] for f in final)
+    with rec.stage("MP4 encode", total, "frame"), tempfile.TemporaryDirectory() as tmp:
+        write_mp4(Path(tmp) / "bench.mp4", (f.numpy() for f in final), 25.0, width, height, total,
+                  audio=(samples, pipeline.audio_lib.SAMPLE_RATE))
+    rows = rec.rows[first:]
+    for row in rows:
+        row["size"] = f"{width}x{height}"
+    audio_s = len(samples) / pipeline.audio_lib.SAMPLE_RATE
+    generation_s = sum(r["seconds"] for r in rows if r["stage"] in
+                       ("prepare total", "sampling", "VAE decode", "RIFE x2", "MP4 encode"))
+    summary = {"size": f"{width}x{height}", "frames": cond.num_frames, "audio_s": audio_s,
+               "sequential_guidance": options.sequential_guidance, "compile": options.compile,
+               "generation_s": generation_s, "s_per_video_s": generation_s / audio_s,
+               "sampling_s_per_video_s": sampling["seconds"] / audio_s,
+               "unet_s_per_call": sampling["per_item_s"], "unet_tflop_per_call": flops / 1e12,
+               "mfu": sampling.get("mfu")}
+    summary.update({f"gpu_peak_gib_{r['stage'].split()[0].lower()}": r["gpu_peak_gib"] for r in rows
+                    if "gpu_peak_gib" in r})
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -126,9 +203,14 @@ def main() -> None:
     parser.add_argument("--image", type=Path, help="portrait (default: scikit-image's astronaut)")
     parser.add_argument("--audio", type=Path, default=REFERENCE / "sonic-tiny/inputs/speech.wav")
     parser.add_argument("--seconds", type=float, help="loop the audio to this length")
-    parser.add_argument("--min-resolution", type=int, default=512)
+    parser.add_argument("--min-resolution", type=int, nargs="+", default=[512], help="one run per size")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--windows-per-call", type=int, default=1)
+    parser.add_argument("--low-vram", choices=("off", "on", "both"), default="off",
+                        help="guidance rows one after another (sequential_guidance); both = a run of each")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first call compiles)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the card's dense peak for this dtype (H100/H200 SXM bf16/fp16: 989) for the MFU")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--name", default=None, help="result file name (default from the settings)")
@@ -159,46 +241,29 @@ def main() -> None:
     waveform, rate = speech(args.seconds, args.audio)
     with rec.stage("audio load"):
         samples = pipeline.load_speech((waveform, rate))
-    prep = PrepareOptions(min_resolution=args.min_resolution, face_box=face)
-    with rec.stage("prepare total"):
-        cond = pipeline.prepare(models, image, (samples, pipeline.audio_lib.SAMPLE_RATE), prep, keep_intermediates=True)
-    with rec.stage("CLIP"):
-        models.image_encoder.embed(cond.extras["clip_image"][None])
-    with rec.stage("VAE encode"):
-        models.vae.encode_mean(cond.ref_image)
-    with rec.stage("audio encode", cond.num_frames, "frame"):
-        pipeline.encode_audio(models, samples, cond.image_embeds)
 
-    options = SampleOptions(inference_steps=args.steps, windows_per_call=args.windows_per_call)
-    calls = []
-    with rec.stage("sampling"):
-        latents = pipeline.sample(models, cond, options, progress=lambda done, total: calls.append(total))
-    rec.rows[-1].update(per_item_s=rec.rows[-1]["seconds"] / calls[-1], items=calls[-1], unit="call")
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.low_vram]
+    summaries = []
+    for size in args.min_resolution:
+        for sequential in modes:
+            options = SampleOptions(inference_steps=args.steps, windows_per_call=args.windows_per_call,
+                                    sequential_guidance=sequential, compile=args.compile)
+            summaries.append(run_once(models, image, face, samples, size, options, rec, args.peak_tflops))
+            print(json.dumps(summaries[-1]), flush=True)
 
-    with rec.stage("VAE decode", cond.num_frames, "frame"):
-        decoded = [c for c in pipeline.decode_chunks(models, latents, options.decode_chunk_size)]
-    with rec.stage("RIFE x2", 2 * cond.num_frames - 1, "frame"):
-        final = [pipeline.to_uint8_frames(c) for c in pipeline.interpolate_chunks(models.rife, iter(decoded))]
-    del decoded
-    from sonic.video_io import write_mp4
-
-    width, height = cond.size
-    total = sum(f.shape[0] for f in final)
-    with rec.stage("MP4 encode", total, "frame"), tempfile.TemporaryDirectory() as tmp:
-        write_mp4(Path(tmp) / "bench.mp4", (f.numpy() for f in final), 25.0, width, height, total,
-                  audio=(samples, pipeline.audio_lib.SAMPLE_RATE))
-
-    settings = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "frames": cond.num_frames,
-                "size": cond.size, "steps": args.steps, "windows_per_call": args.windows_per_call,
-                "audio_s": len(samples) / 16000, "models": "random-full" if args.random_full else str(args.models),
-                "torch": torch.__version__,
-                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    settings = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "steps": args.steps,
+                "windows_per_call": args.windows_per_call, "audio_s": len(samples) / 16000,
+                "models": "random-full" if args.random_full else str(args.models), "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                "peak_tflops": args.peak_tflops}
     print(json.dumps(settings))
     print(rec.table())
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
-    name = args.name or f"{'full' if args.random_full else 'models'}-{device.type}-{cond.size[0]}x{cond.size[1]}"
-    (out_dir / f"{name}.json").write_text(json.dumps({"settings": settings, "stages": rec.rows}, indent=1))
+    sizes = "-".join(str(s) for s in args.min_resolution)
+    name = args.name or f"{'full' if args.random_full else 'models'}-{device.type}-{settings['dtype']}-{sizes}"
+    (out_dir / f"{name}.json").write_text(json.dumps({"settings": settings, "runs": summaries, "stages": rec.rows},
+                                                     indent=1))
 
 
 if __name__ == "__main__":
