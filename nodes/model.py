@@ -34,8 +34,23 @@ class ComfyVAE:
         return self.vae.encode(pixels)
 
     def decode(self, latents):
-        """One temporal chunk of unscaled latents -> [n, 3, H, W] float32 in [0, 1]."""
-        return self.vae.decode(latents).float().movedim(-1, 1)
+        """One temporal chunk of unscaled latents -> [n, 3, H, W] float32 in [0, 1], decoded in one piece.
+
+        ComfyUI's `VAE.decode` splits a batch into as many frames as its own estimate says fit (about 1.1 GB per
+        512x512 frame in half precision); for SVD's temporal decoder a split chunk is another video than the
+        official one. So ComfyUI loads the VAE with our measured working memory for the chunk (sonic/memory.py)
+        and the chunk goes through its decoder network whole."""
+        import torch
+
+        from ..sonic import memory
+
+        vae = self.vae
+        n, _, latent_h, latent_w = latents.shape
+        scale = vae.upscale_ratio
+        comfy.load_to_gpu([vae.patcher], memory.vae_decode(n, latent_h * scale, latent_w * scale, vae.vae_dtype))
+        with torch.no_grad():
+            frames = vae.first_stage_model.decode(latents.to(vae.device, vae.vae_dtype))
+        return vae.process_output(frames.float())
 
 
 class ComfyImageEncoder:

@@ -295,53 +295,18 @@ def test_frames_file_mode_for_long_videos(comfy_env):
 
 
 class _ComfyStyleVAE:
-    """Mimics comfy.sd.VAE's interface over the tiny diffusers VAE: IMAGE [B,H,W,3] in [0,1] in, unscaled
-    mode latents out; decode returns IMAGE [n,H,W,3] in [0,1] (each decode batch = one temporal clip)."""
+    """Stands in for a comfy.sd.VAE object in the cache test, which is about object identity (the numbers through
+    ComfyUI's real VAE and CLIP vision classes are checked in test_comfyui_svd.py)."""
 
     def __init__(self, diffusers_vae):
         self.vae = diffusers_vae
 
-    def encode(self, pixels):
-        return self.vae.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.mode()
-
-    def decode(self, latents):
-        out = self.vae.decode(latents, num_frames=latents.shape[0]).sample
-        return ((out + 1) / 2).clamp(0, 1).movedim(1, -1)
-
 
 class _ComfyStyleClipVision:
-    """Mimics comfy.clip_vision.ClipVisionModel.encode_image: clip_preprocess (no resize at 224, quantise to
-    1/255, CLIP mean/std) then the projected embedding."""
+    """Stands in for a comfy.clip_vision.ClipVisionModel object in the cache test."""
 
     def __init__(self, model):
         self.model = model
-
-    def encode_image(self, image):
-        from sonic.image import CLIP_MEAN, CLIP_STD
-
-        pixels = (image.clamp(0, 1) * 255).round() / 255
-        pixels = (pixels.movedim(-1, 1) - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
-        return {"image_embeds": self.model(pixel_values=pixels).image_embeds}
-
-
-def test_comfyui_vae_and_clip_vision_give_the_official_conditioning(comfy_env):
-    native = _model(comfy_env)
-    loader = _node(comfy_env, "SonicModelLoader")
-    vae = _ComfyStyleVAE(native.models.vae.model)
-    clip = _ComfyStyleClipVision(native.models.image_encoder.model)
-    external = loader.load("Sonic/unet.pth", dtype="fp32", vae=vae, clip_vision=clip)[0]
-    assert external.image_patchers == []  # ComfyUI manages its own VAE / CLIP_VISION
-    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
-    audio = _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
-    node = _node(comfy_env, "SonicPreData")
-    kwargs = dict(min_resolution=128, duration=1.0, face_box="37.25,37,76.25,76.25")
-    with torch.inference_mode():
-        a = node.prepare(native, image, audio, **kwargs)[0].cond
-        b = node.prepare(external, image, audio, **kwargs)[0].cond
-        torch.testing.assert_close(b.image_embeds, a.image_embeds, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(b.image_latents, a.image_latents, rtol=1e-5, atol=1e-6)
-        z = a.image_latents.expand(3, -1, -1, -1)
-        torch.testing.assert_close(external.models.vae.decode(z), native.models.vae.decode(z), rtol=1e-5, atol=1e-6)
 
 
 def test_model_cache_is_keyed_by_files_not_by_vae_objects(comfy_env):
