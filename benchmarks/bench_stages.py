@@ -142,9 +142,8 @@ def unet_call_flops(models, cond, options: SampleOptions) -> float:
 
 
 def run_once(models, image, face, samples, size: int, options: SampleOptions, rec: "Recorder",
-             peak_tflops: float | None) -> dict:
+             peak_tflops: float | None, encode: bool = True) -> dict:
     """One generation at `size` (min_resolution) with `options`; stage rows go to `rec`, the summary is returned."""
-    from sonic.video_io import write_mp4
 
     first = len(rec.rows)
     prep = PrepareOptions(min_resolution=size, face_box=face)
@@ -174,9 +173,12 @@ def run_once(models, image, face, samples, size: int, options: SampleOptions, re
     del decoded
     width, height = cond.size
     total = sum(f.shape[0] for f in final)
-    with rec.stage("MP4 encode", total, "frame"), tempfile.TemporaryDirectory() as tmp:
-        write_mp4(Path(tmp) / "bench.mp4", (f.numpy() for f in final), 25.0, width, height, total,
-                  audio=(samples, pipeline.audio_lib.SAMPLE_RATE))
+    if encode:
+        from sonic.video_io import write_mp4
+
+        with rec.stage("MP4 encode", total, "frame"), tempfile.TemporaryDirectory() as tmp:
+            write_mp4(Path(tmp) / "bench.mp4", (f.numpy() for f in final), 25.0, width, height, total,
+                      audio=(samples, pipeline.audio_lib.SAMPLE_RATE))
     rows = rec.rows[first:]
     for row in rows:
         row["size"] = f"{width}x{height}"
@@ -209,8 +211,12 @@ def main() -> None:
     parser.add_argument("--low-vram", choices=("off", "on", "both"), default="off",
                         help="guidance rows one after another (sequential_guidance); both = a run of each")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first call compiles)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the UNet's 4-d weights in channels_last memory format (to see whether it helps)")
     parser.add_argument("--peak-tflops", type=float,
                         help="the card's dense peak for this dtype (H100/H200 SXM bf16/fp16: 989) for the MFU")
+    parser.add_argument("--face-box", help="x,y,w,h of the face (skips detection: no dlib needed)")
+    parser.add_argument("--no-encode", action="store_true", help="skip the MP4 stage (no ffmpeg needed)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--name", default=None, help="result file name (default from the settings)")
@@ -227,6 +233,9 @@ def main() -> None:
         else:
             models = load_models(args.models, device, dtype)
 
+    if args.channels_last:
+        models.unet.to(memory_format=torch.channels_last)
+
     from PIL import Image
 
     if args.image:
@@ -236,8 +245,11 @@ def main() -> None:
 
         image = Image.fromarray(data.astronaut())
     rgb = np.asarray(image)
-    with rec.stage("face detect"):
-        face = largest_face(models.face_detector, rgb)
+    if args.face_box:
+        face = tuple(float(v) for v in args.face_box.split(","))
+    else:
+        with rec.stage("face detect"):
+            face = largest_face(models.face_detector, rgb)
     waveform, rate = speech(args.seconds, args.audio)
     with rec.stage("audio load"):
         samples = pipeline.load_speech((waveform, rate))
@@ -248,14 +260,15 @@ def main() -> None:
         for sequential in modes:
             options = SampleOptions(inference_steps=args.steps, windows_per_call=args.windows_per_call,
                                     sequential_guidance=sequential, compile=args.compile)
-            summaries.append(run_once(models, image, face, samples, size, options, rec, args.peak_tflops))
+            summaries.append(run_once(models, image, face, samples, size, options, rec, args.peak_tflops,
+                                      encode=not args.no_encode))
             print(json.dumps(summaries[-1]), flush=True)
 
     settings = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "steps": args.steps,
                 "windows_per_call": args.windows_per_call, "audio_s": len(samples) / 16000,
                 "models": "random-full" if args.random_full else str(args.models), "torch": torch.__version__,
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                "peak_tflops": args.peak_tflops}
+                "peak_tflops": args.peak_tflops, "channels_last": args.channels_last}
     print(json.dumps(settings))
     print(rec.table())
     out_dir = HERE / "results"

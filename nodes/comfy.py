@@ -106,9 +106,31 @@ def free_memory(device) -> int:
     return int(model_management().get_free_memory(device))
 
 
+def usable_memory(device) -> int:
+    """Bytes a stage could have on `device` once ComfyUI evicted every other model: the total less its reserve."""
+    mm = model_management()
+    return int(mm.get_total_memory(device)) - int(mm.minimum_inference_memory())
+
+
+def make_room(memory_required: int, device) -> None:
+    """Have ComfyUI evict models from `device` until `memory_required` bytes are free (for work on modules it does
+    not load itself, such as the streamed UNet)."""
+    model_management().free_memory(memory_required, device)
+
+
+def _setting(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def unet_streaming_forced() -> bool:
+    """ComfyUI started with --novram, or SONIC_STREAM_UNET=1 (the pack's own setting)."""
+    state = getattr(model_management(), "vram_state", None)
+    return _setting("SONIC_STREAM_UNET") or (state is not None and getattr(state, "name", "") == "NO_VRAM")
+
+
 def low_vram_forced() -> bool:
     """ComfyUI started with --lowvram / --novram, or SONIC_LOW_VRAM=1 (the pack's own setting)."""
-    if os.environ.get("SONIC_LOW_VRAM", "").strip().lower() in ("1", "true", "yes", "on"):
+    if _setting("SONIC_LOW_VRAM"):
         return True
     mm = model_management()
     state = getattr(mm, "vram_state", None)

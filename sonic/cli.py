@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "not fit in free memory")
     gen.add_argument("--compile", action="store_true", help="torch.compile the UNet (compiling takes minutes; "
                      "worth it for long videos)")
+    gen.add_argument("--stream-unet", action="store_true", help="keep the UNet's weights in RAM and move one block "
+                     "at a time to the GPU (for cards that cannot hold its 3 GB; slower; implies --low-vram)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     gen.add_argument("--face-detector", default="auto", choices=["auto", "yolo", "dlib"])
@@ -250,7 +252,8 @@ FLAGS = {"inference_steps": "--steps", "min_resolution": "--min-resolution", "ex
          "face_box": "--face-box", "duration": "--duration", "seed": "--seed", "dynamic_scale": "--dynamic-scale",
          "motion_scale": "--motion-scale", "ip_audio_scale": "--ip-audio-scale",
          "min_appearance_guidance": "--min-appearance-guidance", "max_appearance_guidance": "--max-appearance-guidance",
-         "audio_guidance": "--audio-guidance", "shift_offset": "--shift-offset", "windows_per_call": "--windows-per-call"}
+         "audio_guidance": "--audio-guidance", "shift_offset": "--shift-offset", "windows_per_call": "--windows-per-call",
+         "stream_unet": "--stream-unet", "compile": "--compile"}
 
 
 @contextlib.contextmanager
@@ -273,7 +276,8 @@ def _options(args: argparse.Namespace) -> tuple[PrepareOptions, SampleOptions]:
                          min_appearance_guidance=args.min_appearance_guidance,
                          max_appearance_guidance=args.max_appearance_guidance, audio_guidance=args.audio_guidance,
                          shift_offset=args.shift_offset, windows_per_call=args.windows_per_call,
-                         interpolation=not args.no_interpolation, compile=args.compile)
+                         interpolation=not args.no_interpolation, compile=args.compile,
+                         stream_unet=args.stream_unet)
     return prep, opts
 
 
@@ -323,7 +327,8 @@ def generate(args: argparse.Namespace) -> Path:
             raise ValueError(f"{args.noise} has no tensor named 'noise.latents'")
 
     models = load_models(args.models, args.device, args.dtype, interpolation=opts.interpolation,
-                         face_detector="none" if args.face_box else args.face_detector)
+                         face_detector="none" if args.face_box else args.face_detector,
+                         unet_device="cpu" if opts.stream_unet else None)
     try:
         cond = pipeline.prepare(models, image, speech, prep)
     except NoFaceError as exc:
@@ -333,7 +338,7 @@ def generate(args: argparse.Namespace) -> Path:
         print(f"note: the {image.width}x{image.height} photo becomes a {rounded[0]}x{rounded[1]} video (sides are "
               "multiples of 64), which changes its proportions; crop the photo to that shape to keep them",
               file=sys.stderr)
-    opts.sequential_guidance = _low_vram(args.low_vram, models, cond, opts)
+    opts.sequential_guidance = _low_vram(args.low_vram or opts.stream_unet, models, cond, opts)
     with tqdm(total=1, desc="sampling", unit="call") as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total

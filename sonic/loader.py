@@ -180,11 +180,13 @@ def load_models(
     face_detector: str = "auto",
     vae=None,
     image_encoder=None,
+    unet_device: str | torch.device | None = None,
 ) -> SonicModels:
     """Load a complete Sonic setup. `face_detector`: 'auto' (YOLO if present, else dlib), 'yolo', 'dlib', 'none'.
 
     `vae` / `image_encoder`: objects with the interface of `encoders.DiffusersVAE` / `TransformersImageEncoder`
-    to use instead of the SVD folder's (then the SVD weights need not be present)."""
+    to use instead of the SVD folder's (then the SVD weights need not be present). `unet_device`: where the
+    UNet's weights live when not on `device` ('cpu' for block streaming, SampleOptions.stream_unet)."""
     from .face import make_face_detector
 
     layout = ModelLayout(Path(models_dir))
@@ -194,7 +196,8 @@ def load_models(
 
     audio_to_tokens, audio_to_bucket = load_audio_mlps(layout, device)
     whisper_encoder, extractor = load_whisper(layout, device)
-    unet, conditioning = load_unet(layout, audio_to_tokens.token_dim, device, dtype)
+    unet_home = torch.device(unet_device) if unet_device is not None else device
+    unet, conditioning = load_unet(layout, audio_to_tokens.token_dim, unet_home, dtype)
     scheduler_config = _read_json(layout.svd_config("scheduler/scheduler_config.json"))
     return SonicModels(
         unet=unet,

@@ -68,6 +68,24 @@ def sampling(windows_per_call: int, frames: int, latent_h: int, latent_w: int, d
     return unet_call(rows, frames, latent_h, latent_w, dtype)
 
 
+def streamed_unet(largest_unit_bytes: int, windows_per_call: int, frames: int, latent_h: int, latent_w: int,
+                  dtype) -> int:
+    """Block streaming (sonic/offload.py): the low-VRAM UNet call plus the largest block's weights, twice (the
+    block in use and the allocator's copy of the next while the last is freed)."""
+    call = sampling(windows_per_call, frames, latent_h, latent_w, dtype, sequential_guidance=True)
+    return call + 2 * largest_unit_bytes
+
+
+def choose_unet_streaming(free_bytes: int | None, unet_bytes: int, windows_per_call: int, frames: int,
+                          latent_h: int, latent_w: int, dtype, forced: bool = False) -> bool:
+    """Stream the UNet when forced or when its weights and a low-VRAM call would not fit in what is free."""
+    if forced:
+        return True
+    if free_bytes is None:
+        return False
+    return unet_bytes + sampling(windows_per_call, frames, latent_h, latent_w, dtype, sequential_guidance=True) > free_bytes
+
+
 def choose_sequential_guidance(free_bytes: int | None, windows_per_call: int, frames: int, latent_h: int,
                                latent_w: int, dtype, forced: bool = False) -> bool:
     """Low-VRAM mode when forced or when the batched call would not fit in what is free (None = unknown: batched)."""

@@ -56,6 +56,7 @@ class SampleOptions:
     interpolation_batch: int = 4  # frame pairs per RIFE call
     sequential_guidance: bool = False  # low-VRAM: the three guidance rows one after another (same result)
     compile: bool = False  # torch.compile the UNet (kept for later runs; compiles again only for new shapes)
+    stream_unet: bool = False  # the UNet's weights stay in host memory, one block at a time on the device
 
     def __post_init__(self) -> None:
         _check(1 <= self.inference_steps <= 1000, f"inference_steps must be between 1 and 1000, got {self.inference_steps}")
@@ -71,3 +72,6 @@ class SampleOptions:
         _check(self.decode_chunk_size >= 1, f"decode_chunk_size must be at least 1, got {self.decode_chunk_size}")
         _check(self.windows_per_call >= 1, f"windows_per_call must be at least 1, got {self.windows_per_call}")
         _check(self.interpolation_batch >= 1, f"interpolation_batch must be at least 1, got {self.interpolation_batch}")
+        _check(not (self.compile and self.stream_unet),
+               "compile and stream_unet cannot be combined (streaming swaps the weights the compiled graph reads); "
+               "turn one off")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from . import audio as audio_lib
+from . import offload
 from .face import FaceBox, largest_face, square_crop_box, validate_face_box
 from .image import PortraitTensors, load_image, prepare_portrait
 from .loader import SonicModels
@@ -288,18 +290,21 @@ def sample(
     del noise
 
     denoiser = SonicDenoiser(models, cond, options, len(timesteps), cancel)
-    latents = sample_windows(
-        denoiser,
-        latents,
-        sigmas,
-        timesteps,
-        device=device,
-        window=options.frames_per_window,
-        overlap=options.overlap,
-        shift_offset=options.shift_offset,
-        windows_per_call=options.windows_per_call,
-        callback=progress,
-    )
+    # stream_unet: the UNet's weights stay where they are (host memory) and visit the device block by block
+    streaming = offload.streamed(offload.unet_units(models.unet), device) if options.stream_unet else nullcontext()
+    with streaming:
+        latents = sample_windows(
+            denoiser,
+            latents,
+            sigmas,
+            timesteps,
+            device=device,
+            window=options.frames_per_window,
+            overlap=options.overlap,
+            shift_offset=options.shift_offset,
+            windows_per_call=options.windows_per_call,
+            callback=progress,
+        )
     return latents[None]
 
 

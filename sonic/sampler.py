@@ -127,13 +127,14 @@ def sample_windows(
     """Denoise [F, C, h, w] latents from sigmas[0] to sigmas[-1]; every window of a step reads the latents of
     the previous step, frames covered by several windows are averaged.
 
-    The full-length latents stay where they are given (host memory) and come back there; only the windows of
-    one call visit `device` (default: the latents' device), so device memory does not grow with the video's
-    length. Two full-length host buffers take turns: one holds the sums of the previous step, which windows
+    The full-length latents live in host memory (given there, or moved there) and come back there; only the
+    windows of one call visit `device` (default: the latents' device), so device memory does not grow with the
+    video's length. Two full-length host buffers take turns: one holds the sums of the previous step, which windows
     read divided by their coverage counts, the other collects the sums of this step."""
     num_frames = latents.shape[0]
     device = torch.device(device) if device is not None else latents.device
-    host = latents.device
+    host = torch.device("cpu")
+    latents = latents.to(host)
     # the schedule stays on the CPU as float32 scalars (0-dim CPU tensors combine with device tensors without a
     # copy back): reading a device tensor per call would synchronise with the host
     sigmas = sigmas.cpu()

@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 import soundfile
+import torch
 from PIL import Image
 
 from sonic.cli import main
@@ -75,11 +76,11 @@ def test_generate_without_interpolation_and_shorter_duration(tiny_dir, tmp_path)
     assert 0 <= float(dumped["video_final"].min()) and float(dumped["video_final"].max()) <= 1
 
 
-def test_low_vram_flag_gives_the_same_video(tiny_dir, tmp_path):
+def test_low_vram_and_stream_unet_flags_give_the_same_video(tiny_dir, tmp_path):
     from safetensors.torch import load_file
 
     dumps = []
-    for flags in ((), ("--low-vram",)):
+    for flags in ((), ("--low-vram",), ("--stream-unet",)):
         dump = tmp_path / f"dump{len(dumps)}.safetensors"
         result = _run(tiny_dir, tmp_path / f"v{len(dumps)}.mp4", "--steps", "1", "--no-interpolation", "--duration",
                       "1", "--face-box", "37.25,37,76.25,76.25", "--dump", str(dump), *flags)
@@ -87,6 +88,7 @@ def test_low_vram_flag_gives_the_same_video(tiny_dir, tmp_path):
         dumps.append(load_file(str(dump))["final_latents"])
     difference = (dumps[1] - dumps[0]).abs().max() / dumps[0].abs().max()
     assert difference < 1e-3  # float noise of another batch size (measured 1.7e-4 on the engine test)
+    assert torch.equal(dumps[2], dumps[1])  # streaming implies low-VRAM rows and changes no number
 
 
 def _error_of(capsys, *argv):
@@ -117,6 +119,8 @@ def test_option_errors_name_the_flag(tiny_dir, tmp_path, capsys):
     args[args.index("--steps") + 1] = "0"
     assert "--steps must be between 1 and 1000, got 0" in _error_of(capsys, *args)
     assert "--expand-ratio must be between" in _error_of(capsys, *_args(tiny_dir, tmp_path), "--expand-ratio", "9")
+    assert "--compile and --stream-unet cannot be combined" in _error_of(capsys, *_args(tiny_dir, tmp_path),
+                                                                          "--compile", "--stream-unet")
 
 
 def test_help_shows_defaults(capsys):

@@ -171,6 +171,46 @@ def test_low_vram_mode_is_chosen_from_free_memory_and_gives_the_same_video(comfy
     assert (low.float() - normal.float()).abs().max() < 2 / 255  # the same video (uint8 rounding at most)
 
 
+def test_unet_streaming_under_novram_or_a_small_card_gives_the_same_video(comfy_env, monkeypatch, caplog):
+    import comfy.model_management as mm
+
+    from sonic import memory, offload
+
+    _, (normal, *_rest) = _run_stages(comfy_env)
+    unet = _model(comfy_env).models.unet
+    rows = []
+    handle = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
+        mm.REQUESTS.clear()
+        mm.FREED.clear()
+        with caplog.at_level("INFO"):
+            predata, (streamed, *_rest) = _run_stages(comfy_env)
+        assert "UNet streaming" in caplog.text
+        assert not [names for names, _ in mm.REQUESTS if names == ["UNetSpatioTemporalConditionModel"]]  # never loaded whole
+        latent = predata.cond.image_latents.shape[2:]
+        largest = max(offload.unit_bytes(unit) for unit in offload.unet_units(unet))
+        assert mm.FREED == [memory.streamed_unet(largest, 1, 25, *latent, torch.float32)]
+        assert set(rows) == {1}  # low-VRAM rows too
+        # a card whose whole memory cannot hold the UNet's weights and a low-VRAM call chooses it by itself
+        monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
+        unet_bytes = sum(t.numel() * t.element_size() for t in unet.parameters())
+        fits = unet_bytes + memory.sampling(1, 25, *latent, torch.float32, sequential_guidance=True)
+        monkeypatch.setattr(mm, "TOTAL_MEMORY", fits + mm.minimum_inference_memory() - 1)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            _run_stages(comfy_env)
+        assert "UNet streaming" in caplog.text
+        monkeypatch.setattr(mm, "TOTAL_MEMORY", fits + mm.minimum_inference_memory())
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            _run_stages(comfy_env)
+        assert "UNet streaming" not in caplog.text
+    finally:
+        handle.remove()
+    assert (streamed.float() - normal.float()).abs().max() < 2 / 255  # the same video (uint8 rounding at most)
+
+
 def test_same_portrait_with_new_audio_reuses_the_face_analysis(comfy_env, monkeypatch):
     from comfy_harness import load_pack  # noqa: F401  (pack already loaded by the fixture)
 

@@ -8,6 +8,8 @@ interrupt_processing = False
 LOADED = []  # every load_models_gpu call, for tests
 REQUESTS = []  # (module names, memory_required) of every load_models_gpu call, for tests
 FREE_MEMORY = None  # what get_free_memory reports (a test sets it to play a GPU of some size)
+TOTAL_MEMORY = None  # what get_total_memory reports
+FREED = []  # memory_required of every free_memory call
 
 
 class VRAMState(enum.Enum):
@@ -24,6 +26,18 @@ vram_state = VRAMState.NORMAL_VRAM
 
 def get_free_memory(dev=None, torch_free_too=False):
     return FREE_MEMORY if FREE_MEMORY is not None else 2**40
+
+
+def get_total_memory(dev=None, torch_total_too=False):
+    return TOTAL_MEMORY if TOTAL_MEMORY is not None else 2**40
+
+
+def minimum_inference_memory():
+    return int(1024**3 * 0.8) + 400 * 1024**2
+
+
+def free_memory(memory_required, device, keep_loaded=[]):
+    FREED.append(memory_required)
 
 
 class InterruptProcessingException(Exception):
