@@ -150,9 +150,9 @@ def _resolve_dtype(choice: str, device):
     import torch
 
     if choice != "auto":
-        from ..sonic.loader import DTYPES
+        from ..sonic.loader import DTYPES, check_dtype_supported
 
-        return DTYPES[choice]
+        return check_dtype_supported(DTYPES[choice], device)
     mm = comfy.model_management()
     if device.type == "cpu":
         return torch.float32

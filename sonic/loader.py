@@ -39,7 +39,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.float16 if device.type != "cpu" else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return check_dtype_supported(DTYPES[dtype], device)
+
+
+def check_dtype_supported(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """bf16 only where the GPU computes it natively (NVIDIA Ampere and newer); elsewhere PyTorch would emulate it
+    many times slower."""
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError(f"{torch.cuda.get_device_name(device)} has no native bf16 (NVIDIA Ampere or newer has); "
+                         "choose fp16 (the official precision) or auto")
+    return dtype
 
 
 @dataclass

@@ -77,3 +77,17 @@ def test_convert_writes_equal_safetensors_that_are_then_preferred(tiny_dir, tmp_
     load_rife(layout.rife, torch.device("cpu"))  # loads strictly from the converted file
     assert convert_to_safetensors(models) == []  # nothing left to do
     assert not list(models.rglob("*.partial"))
+
+
+def test_bf16_is_refused_on_a_gpu_that_would_only_emulate_it(monkeypatch):
+    """(This machine has no GPU: the card's answers are played by monkeypatching torch.cuda's two queries.)"""
+    from sonic.loader import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ValueError, match="Tesla T4 has no native bf16 .* choose fp16"):
+        resolve_dtype("bf16", torch.device("cuda"))
+    assert resolve_dtype("fp16", torch.device("cuda")) is torch.float16
+    assert resolve_dtype("bf16", torch.device("cpu")) is torch.bfloat16  # the CPU computes bf16 itself
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_dtype("bf16", torch.device("cuda")) is torch.bfloat16
