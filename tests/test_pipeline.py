@@ -145,3 +145,41 @@ def test_face_box_in_video_pixels_matches_the_face_mask(tiny_cond, tiny_params):
     assert abs(mask_w - w * MASK_AREA) <= 2 and abs(mask_h - h * MASK_AREA) <= 2
     assert abs((xs.min() + xs.max() + 1) / 2 - (x + w / 2)) <= 1.5
     assert abs((ys.min() + ys.max() + 1) / 2 - (y + h / 2)) <= 1.5
+
+
+_HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique", "aten.unique",
+               "aten.repeat_interleave.Tensor", "aten.equal", "aten.is_nonzero")
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records operators that must read a tensor's values on the host: on a GPU each waits for all queued work
+    (`.item()`, `bool(t)`, data-dependent shapes: nonzero, boolean-mask indexing, unique...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        masks = [t for t in torch.utils._pytree.tree_leaves(args[1:]) if isinstance(t, torch.Tensor) and t.dtype == torch.bool]
+        if name.startswith(_HOST_READS) or (name.startswith(("aten.index.", "aten.index_put")) and masks):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_denoiser_call_never_reads_device_values_on_the_host(tiny_models, tiny_cond, sequential):
+    """The UNet, the audio attention and the guidance run without one host read, so on a GPU the sampler can queue
+    the next call while this one computes (tests/test_gpu.py checks the same with CUDA's sync debug mode)."""
+    from sonic.sampler import schedule_from_config
+
+    sigmas, timesteps = schedule_from_config(tiny_models.scheduler_config, 2)
+    denoiser = pipeline.SonicDenoiser(tiny_models, tiny_cond, SampleOptions(sequential_guidance=sequential), 2)
+    x = torch.randn(1, 25, *tiny_cond.image_latents.shape[1:])
+    spy = _HostReads()
+    with torch.no_grad(), spy:
+        v = denoiser(x, torch.arange(25)[None], 0, timesteps[0])
+        assert v.shape == x.shape and not spy.seen, spy.seen
+        bool((v > 0).any())  # and the spy does see such reads
+        v[v > 0]
+    assert spy.seen == ["aten._local_scalar_dense.default", "aten.index.Tensor"]
