@@ -53,10 +53,11 @@ class ComfyUI:
     """`main.py --cpu` with an isolated base directory: the pack symlinked into custom_nodes, models/sonic = the
     tiny reference models. Loopback URLs are allowed for the loaders (SONIC_URL_ALLOW), as an operator would."""
 
-    def __init__(self, base: Path, tiny_dir: Path, port: int | None = None, threads: int | None = None):
+    def __init__(self, base: Path, tiny_dir: Path, port: int | None = None, threads: int | None = None,
+                 env: dict | None = None):
         self.base, self.port = base, port or free_port()
         # several servers on this 2-core machine: one thread each, or their thread pools fight (5x slower)
-        self.env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+        self.env = {**({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})}
         self.url = f"http://127.0.0.1:{self.port}"
         for sub in ("custom_nodes", "models", "input", "output", "temp", "user"):
             (base / sub).mkdir(parents=True, exist_ok=True)
