@@ -198,17 +198,15 @@ class SonicSamplerNode:
                                 motion_scale=motion_scale, audio_guidance=audio_guidance,
                                 min_appearance_guidance=appearance_guidance, max_appearance_guidance=appearance_guidance,
                                 ip_audio_scale=ip_audio_scale, compile=compile)
-        from ..sonic import memory
+        from ..sonic import memory, offload
 
         bar = comfy.progress_bar(1)
         _, _, latent_h, latent_w = cond.image_latents.shape
         shape = (options.windows_per_call, options.frames_per_window, latent_h, latent_w, models.dtype)
-        unet_bytes = sum(t.numel() * t.element_size() for t in models.unet.parameters())
+        unet_bytes = offload.unit_bytes(models.unet)
         options.stream_unet = not compile and memory.choose_unet_streaming(
             comfy.usable_memory(models.device), unet_bytes, *shape, forced=comfy.unet_streaming_forced())
         if options.stream_unet:  # the UNet's weights stay in RAM; one block at a time visits the GPU
-            from ..sonic import offload
-
             largest = max(offload.unit_bytes(unit) for unit in offload.unet_units(models.unet))
             log.info("Sonic Sampler: UNet streaming (%.1f GB of weights in RAM, blocks of up to %.2f GB on the "
                      "device) and low-VRAM mode", unet_bytes / 1e9, largest / 1e9)
@@ -218,9 +216,9 @@ class SonicSamplerNode:
             sonic_model.load("unet", memory_required=memory.sampling(*shape))
             options.sequential_guidance = memory.choose_sequential_guidance(
                 comfy.free_memory(models.device), *shape, forced=comfy.low_vram_forced())
-        if options.sequential_guidance and not options.stream_unet:
-            log.info("Sonic Sampler: low-VRAM mode (guidance rows one after another)")
-            sonic_model.load("unet", memory_required=memory.sampling(*shape, sequential_guidance=True))
+            if options.sequential_guidance:
+                log.info("Sonic Sampler: low-VRAM mode (guidance rows one after another)")
+                sonic_model.load("unet", memory_required=memory.sampling(*shape, sequential_guidance=True))
         latents = pipeline.sample(models, cond, options, progress=lambda done, total: bar.update_absolute(done, total),
                                   cancel=comfy.check_interrupt)
 

@@ -194,7 +194,7 @@ def test_unet_streaming_under_novram_or_a_small_card_gives_the_same_video(comfy_
         assert set(rows) == {1}  # low-VRAM rows too
         # a card whose whole memory cannot hold the UNet's weights and a low-VRAM call chooses it by itself
         monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
-        unet_bytes = sum(t.numel() * t.element_size() for t in unet.parameters())
+        unet_bytes = sum(t.numel() * t.element_size() for t in [*unet.parameters(), *unet.buffers()])
         fits = unet_bytes + memory.sampling(1, 25, *latent, torch.float32, sequential_guidance=True)
         monkeypatch.setattr(mm, "TOTAL_MEMORY", fits + mm.minimum_inference_memory() - 1)
         caplog.clear()
