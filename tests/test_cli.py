@@ -10,7 +10,6 @@ import av
 import numpy as np
 import pytest
 import soundfile
-import torch
 from PIL import Image
 
 from sonic.cli import main
@@ -76,19 +75,20 @@ def test_generate_without_interpolation_and_shorter_duration(tiny_dir, tmp_path)
     assert 0 <= float(dumped["video_final"].min()) and float(dumped["video_final"].max()) <= 1
 
 
-def test_low_vram_and_stream_unet_flags_give_the_same_video(tiny_dir, tmp_path):
+def test_stream_unet_flag_gives_the_same_video(tiny_dir, tmp_path):
+    """--stream-unet: the UNet's weights loaded to the CPU and streamed, with --low-vram's rows (the forced path of
+    --low-vram itself)."""
     from safetensors.torch import load_file
 
     dumps = []
-    for flags in ((), ("--low-vram",), ("--stream-unet",)):
+    for flags in ((), ("--stream-unet",)):
         dump = tmp_path / f"dump{len(dumps)}.safetensors"
         result = _run(tiny_dir, tmp_path / f"v{len(dumps)}.mp4", "--steps", "1", "--no-interpolation", "--duration",
                       "1", "--face-box", "37.25,37,76.25,76.25", "--dump", str(dump), *flags)
         assert result.returncode == 0, result.stderr
         dumps.append(load_file(str(dump))["final_latents"])
     difference = (dumps[1] - dumps[0]).abs().max() / dumps[0].abs().max()
-    assert difference < 1e-3  # float noise of another batch size (measured 1.7e-4 on the engine test)
-    assert torch.equal(dumps[2], dumps[1])  # streaming implies low-VRAM rows and changes no number
+    assert 0 < difference < 1e-3  # float noise of one row per call (measured 1.7e-4 on the engine test)
 
 
 def _error_of(capsys, *argv):
