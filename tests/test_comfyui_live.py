@@ -138,17 +138,9 @@ def test_api_workflow_over_http(comfyui, tiny_dir, name):
     assert progress, "no progress messages were sent"
 
 
-def _quick_frames(client: Client, tiny_dir, seed: int):
-    """The quick template's sampler (shortened, `seed`) saved by ComfyUI's own SaveImage as PNGs (lossless, unlike
-    the MP4, whose encoder turns a one-level change of a pixel into other coding decisions) -> uint8 arrays."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
+def _quick_prompt(client: Client, tiny_dir, seed: int) -> dict:
+    """The quick template's API prompt, shortened (FAST), on the uploaded tiny inputs, with `seed`."""
     prompt = json.loads((ROOT / "workflows" / "api" / "sonic_quick_512.json").read_text())
-    del prompt["6"], prompt["7"], prompt["8"]  # encoder, lip-sync calibration, smoothing
-    prompt["9"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": f"frames/{seed}"}}
     for node in prompt.values():
         node["inputs"].update(FAST.get(node["class_type"], {}))
         if node["class_type"] == "SonicLoadImage":
@@ -157,6 +149,20 @@ def _quick_frames(client: Client, tiny_dir, seed: int):
             node["inputs"]["audio"] = client.upload(tiny_dir / "inputs" / "speech.wav")
         if node["class_type"] == "SonicSampler":
             node["inputs"]["seed"] = seed
+    return prompt
+
+
+def _quick_frames(client: Client, tiny_dir, seed: int):
+    """The quick template's sampler (shortened, `seed`) saved by ComfyUI's own SaveImage as PNGs (lossless, unlike
+    the MP4, whose encoder turns a one-level change of a pixel into other coding decisions) -> uint8 arrays."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    prompt = _quick_prompt(client, tiny_dir, seed)
+    del prompt["6"], prompt["7"], prompt["8"]  # encoder, lip-sync calibration, smoothing
+    prompt["9"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": f"frames/{seed}"}}
     outcome, history = client.run(prompt)
     assert outcome == "success", json.dumps(history.get("status"), indent=1)[-3000:]
     return [np.asarray(Image.open(io.BytesIO(client.get(
@@ -208,15 +214,7 @@ def test_sampler_outputs_feed_core_create_and_save_video(comfyui, tiny_dir):
     import av
 
     client, base = comfyui
-    prompt = json.loads((ROOT / "workflows" / "api" / "sonic_quick_512.json").read_text())
-    for node in prompt.values():
-        node["inputs"].update(FAST.get(node["class_type"], {}))
-        if node["class_type"] == "SonicLoadImage":
-            node["inputs"]["image"] = client.upload(tiny_dir / "inputs" / "portrait.png")
-        if node["class_type"] == "SonicLoadAudio":
-            node["inputs"]["audio"] = client.upload(tiny_dir / "inputs" / "speech.wav")
-        if node["class_type"] == "SonicSampler":
-            node["inputs"]["seed"] = 4242
+    prompt = _quick_prompt(client, tiny_dir, 4242)
     del prompt["6"]  # our encoder, replaced by the core nodes
     prompt["7"] = {"class_type": "CreateVideo", "inputs": {"images": ["5", 0], "fps": ["5", 2], "audio": ["5", 1]}}
     prompt["8"] = {"class_type": "SaveVideo", "inputs": {"video": ["7", 0], "filename_prefix": "core/sonic",
