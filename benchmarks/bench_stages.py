@@ -32,8 +32,9 @@ from sonic.params import PrepareOptions, SampleOptions  # noqa: E402
 REFERENCE = HERE.parent.parent / "shared" / "reference"
 
 
-def random_full_models(device: torch.device, dtype: torch.dtype, svd_config_dir: Path):
-    """The released architectures with random weights (no files needed beyond the SVD-xt configs)."""
+def random_full_models(device: torch.device, dtype: torch.dtype, svd_config_dir: Path, face_detector: bool = True):
+    """The released architectures with random weights (no files needed beyond the SVD-xt configs); dlib's face
+    detector unless `face_detector` is false (a face box is given)."""
     from diffusers import AutoencoderKLTemporalDecoder
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -70,7 +71,7 @@ def random_full_models(device: torch.device, dtype: torch.dtype, svd_config_dir:
         feature_extractor=WhisperFeatureExtractor(), audio_to_tokens=init(tokens).eval(),
         audio_to_bucket=init(bucket).eval(), rife=init(rife).eval(),
         scheduler_config=json.loads((svd_config_dir / "scheduler/scheduler_config.json").read_text()),
-        face_detector=DlibFaceDetector(), device=device, dtype=dtype)
+        face_detector=DlibFaceDetector() if face_detector else None, device=device, dtype=dtype)
 
 
 class Recorder:
@@ -229,12 +230,14 @@ def main() -> None:
     rec = Recorder(device)
     with rec.stage("load models"):
         if args.random_full:
-            models = random_full_models(device, dtype, args.svd_config)
+            models = random_full_models(device, dtype, args.svd_config, face_detector=not args.face_box)
         else:
-            models = load_models(args.models, device, dtype)
+            models = load_models(args.models, device, dtype, face_detector="none" if args.face_box else "auto")
 
-    if args.channels_last:
-        models.unet.to(memory_format=torch.channels_last)
+    if args.channels_last:  # the 2-d convolutions only (the temporal ones are 3-d)
+        for module in models.unet.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.to(memory_format=torch.channels_last)
 
     from PIL import Image
 

@@ -17,7 +17,7 @@ version() { "$py" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 "$py" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$dest/wheels" \
-  "diffusers==$(version diffusers)" "librosa==$(version librosa)" soundfile soxr audioread pooch decorator
+  "diffusers==$(version diffusers)" "librosa==$(version librosa)" soundfile soxr audioread pooch decorator platformdirs
 cp -r "$shared/reference/svd-xt" "$dest/reference/"
 cp -r "$shared/reference/sonic-tiny/models" "$shared/reference/sonic-tiny/inputs" \
   "$shared/reference/sonic-tiny/params.json" "$dest/reference/sonic-tiny/"

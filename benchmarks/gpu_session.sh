@@ -14,18 +14,18 @@ if ! python3 -c "import diffusers, librosa" 2>/dev/null; then
 fi
 export PYTHONPATH=/tmp/sonic-site:$PWD PYTHONUNBUFFERED=1 SONIC_REFERENCE_DIR=$PWD/.gpu/reference
 face=180,50,150,180  # the astronaut's face (no dlib there)
-common=(--random-full --svd-config .gpu/reference/svd-xt --audio .gpu/reference/sonic-tiny/inputs/speech.wav
-        --face-box $face --no-encode --seconds 10)
+seconds=10
 if [ "${1:-}" = "--smoke" ]; then
   device=(--device cpu) big=(--min-resolution 64) small=(--min-resolution 64) steps=1 few=1 fp16=fp32 bf16=fp32
-  common=(--random-full --svd-config .gpu/reference/svd-xt --audio .gpu/reference/sonic-tiny/inputs/speech.wav
-          --face-box $face --no-encode --seconds 1)
+  seconds=1
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/test_gpu.txt"
   device=(--device cuda --peak-tflops 989) big=(--min-resolution 768 1024) small=(--min-resolution 512) steps=25 few=5
   fp16=fp16 bf16=bf16
 fi
+common=(--random-full --svd-config .gpu/reference/svd-xt --audio .gpu/reference/sonic-tiny/inputs/speech.wav
+        --face-box $face --no-encode --seconds $seconds)
 bench() { python3 benchmarks/bench_stages.py "${common[@]}" "${device[@]}" "$@" 2>&1 | tail -40; }
 # fp16 (the GPU default) at 512² for 25 steps, batched and low-VRAM; 768² and 1024² per call with fewer steps
 bench "${small[@]}" --steps $steps --dtype $fp16 --low-vram both --name gpu-fp16-512 | tee "$out/bench_fp16_512.txt"

@@ -60,12 +60,9 @@ def tiny_models(tiny_dir):
 
 @pytest.fixture(scope="session")
 def tiny_cond(tiny_models, tiny_dir, tiny_params):
-    from sonic.params import PrepareOptions
-    from sonic.pipeline import prepare
+    from helpers import prepare_reference_inputs
 
-    options = PrepareOptions(min_resolution=tiny_params["min_resolution"], face_box=tuple(tiny_params["face_bbox_xywh"]))
-    return prepare(tiny_models, tiny_dir / tiny_params["image"], tiny_dir / tiny_params["audio"], options,
-                   keep_intermediates=True)
+    return prepare_reference_inputs(tiny_models, tiny_dir, tiny_params)
 
 
 @pytest.fixture(scope="session")

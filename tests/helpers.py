@@ -11,6 +11,16 @@ def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return float((actual - reference).abs().max() / reference.abs().max())
 
 
+def prepare_reference_inputs(models, tiny_dir, tiny_params: dict):
+    """The recorded run's portrait and speech with its face box -> SonicConditioning (with intermediates)."""
+    from sonic.params import PrepareOptions
+    from sonic.pipeline import prepare
+
+    options = PrepareOptions(min_resolution=tiny_params["min_resolution"], face_box=tuple(tiny_params["face_bbox_xywh"]))
+    return prepare(models, tiny_dir / tiny_params["image"], tiny_dir / tiny_params["audio"], options,
+                   keep_intermediates=True)
+
+
 def sine(seconds: float, rate: int, channels: int = 1, freq: float = 220.0) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     wave = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)

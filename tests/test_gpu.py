@@ -20,6 +20,21 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @pytest.fixture(scope="module")
+def tiny_models(tiny_dir):
+    """The CPU reference, without a face detector (the lent GPU machines have no dlib; the face box is given)."""
+    from sonic.loader import load_models
+
+    return load_models(tiny_dir / "models", device="cpu", dtype="fp32", face_detector="none")
+
+
+@pytest.fixture(scope="module")
+def tiny_cond(tiny_models, tiny_dir, tiny_params):
+    from helpers import prepare_reference_inputs
+
+    return prepare_reference_inputs(tiny_models, tiny_dir, tiny_params)
+
+
+@pytest.fixture(scope="module")
 def cuda_models(tiny_dir):
     from sonic.loader import load_models
 
