@@ -28,8 +28,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from servers import ComfyUI  # noqa: E402  (tests/servers.py: real servers on loopback)
 
-from sonic.batch.comfy_api import ComfyServer, execution_seconds  # noqa: E402
-from sonic.batch.jobs import Workflow  # noqa: E402
+from sonic.jobs.comfy_api import ComfyServer, execution_seconds  # noqa: E402
+from sonic.jobs.jobsfile import Workflow  # noqa: E402
 
 
 def batch(jobs: Path, servers: list[ComfyUI], out: Path) -> tuple[float, list[dict]]:
@@ -44,7 +44,7 @@ def batch(jobs: Path, servers: list[ComfyUI], out: Path) -> tuple[float, list[di
 
 def direct(rows: list[dict], server: ComfyUI, folder: Path, out: Path) -> tuple[float, float]:
     """Sequential jobs through the queue API without the runner: what a hand-written script does."""
-    from sonic.batch.jobs import load_jobs
+    from sonic.jobs.jobsfile import load_jobs
 
     client = ComfyServer(server.url)
     workflow = Workflow.load(None)

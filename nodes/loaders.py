@@ -47,7 +47,7 @@ def opened(upload: str, path_or_url: str):
     if not _is_url(text):
         yield resolve(upload, text)
         return
-    from ..sonic.urls import fetch
+    from ..sonic.inputs.urls import fetch
 
     path = fetch(text, Path(comfy.folder_paths().get_temp_directory()) / "sonic-downloads")
     try:
@@ -115,7 +115,7 @@ class SonicLoadImage:
         import torch
         from PIL import Image, ImageOps
 
-        from ..sonic.image import load_image
+        from ..sonic.inputs.image import load_image
 
         with opened(image, path_or_url) as path:
             rgb = load_image(path)
@@ -160,7 +160,7 @@ class SonicLoadAudio:
     def load(self, audio, trim_silence=False, silence_db=40.0, path_or_url=""):
         import torch
 
-        from ..sonic.audio import read_audio, trim_silence as trim
+        from ..sonic.inputs.audio import read_audio, trim_silence as trim
 
         with opened(audio, path_or_url) as path:
             samples, rate = read_audio(path)

@@ -42,7 +42,7 @@ class ComfyVAE:
         and the chunk goes through its decoder network whole."""
         import torch
 
-        from ..sonic import memory
+        from ..sonic.engine import memory
 
         vae = self.vae
         n, _, latent_h, latent_w = latents.shape
@@ -118,8 +118,8 @@ def _download_missing(root: Path, interpolation: bool, external: bool, dtype: st
     half-precision files when the compute dtype is not fp32 (exactly what runs then, half the download)."""
     import torch
 
-    from ..sonic import download
-    from ..sonic.checkpoints import ModelLayout
+    from ..sonic.engine import download
+    from ..sonic.engine.checkpoints import ModelLayout
 
     layout = ModelLayout(root)
     if not layout.missing(interpolation, svd_weights=not external):
@@ -150,7 +150,7 @@ def _resolve_dtype(choice: str, device):
     import torch
 
     if choice != "auto":
-        from ..sonic.loader import DTYPES, check_dtype_supported
+        from ..sonic.engine.loader import DTYPES, check_dtype_supported
 
         return check_dtype_supported(DTYPES[choice], device)
     mm = comfy.model_management()
@@ -225,7 +225,7 @@ class SonicModelLoader:
         root = Path(found).parent.parent if found else _sonic_root()
         if download_missing:
             _download_missing(root, interpolation, external, dtype)
-        from ..sonic.checkpoints import ModelLayout
+        from ..sonic.engine.checkpoints import ModelLayout
 
         missing = ModelLayout(root).missing(interpolation, svd_weights=not external)
         if missing:
@@ -244,7 +244,7 @@ class SonicModelLoader:
     def _build(root, dtype, interpolation, face_detector, external: bool) -> SonicModel:
         import torch
 
-        from ..sonic.loader import load_models
+        from ..sonic.engine.loader import load_models
 
         device, offload, _ = comfy.devices()
         compute_dtype = _resolve_dtype(dtype, device)

@@ -38,8 +38,8 @@ class SonicSmoothMotion:
     def smooth(self, alpha=0.3, region="face without mouth", images=None, frames=None, predata=None, face_box=""):
         import torch
 
-        from ..sonic.frames import FrameStore
-        from ..sonic.smoothing import smooth_video
+        from ..sonic.post.frames import FrameStore
+        from ..sonic.post.smoothing import smooth_video
 
         box = face_box_in_video(face_box, predata, "Sonic Smooth Motion")
         if region != "frame" and box is None:
@@ -87,7 +87,7 @@ class SonicLipSyncCalibrate:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..sonic import lipsync
+        from ..sonic.post import lipsync
 
         return {
             "required": {
@@ -122,7 +122,7 @@ class SonicLipSyncCalibrate:
 
         import torch
 
-        from ..sonic import lipsync
+        from ..sonic.post import lipsync
 
         count, _, _, read = video_source(images, frames, "Sonic Lip-Sync Calibrate")
         fps = frames.fps if frames is not None else fps
@@ -135,7 +135,7 @@ class SonicLipSyncCalibrate:
         if mode != "manual":
             box = face_box_in_video(face_box, predata, "Sonic Lip-Sync Calibrate")
             if box is None:
-                from ..sonic.face import DlibFaceDetector, NoFaceError, largest_face
+                from ..sonic.inputs.face import DlibFaceDetector, NoFaceError, largest_face
 
                 try:
                     box = largest_face(DlibFaceDetector(), next(read())[0], "the video's first frame")[:4]

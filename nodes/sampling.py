@@ -39,7 +39,7 @@ class SonicFrames:
 
 def parse_face_box(text: str, node: str = "Sonic PreData"):
     """The face_box widget: '' -> None (detect), 'x,y,w,h' -> a tuple; anything else names the widget."""
-    from ..sonic.face import parse_face_box as parse
+    from ..sonic.inputs.face import parse_face_box as parse
 
     try:
         return parse(text)
@@ -106,10 +106,10 @@ class SonicPreDataNode:
 
     def prepare(self, sonic_model, image, audio, min_resolution=512, duration=0.0, crop=False, expand_ratio=0.5,
                 face_box=""):
-        from ..sonic.audio import SAMPLE_RATE
-        from ..sonic.face import FaceCache, NoFaceError
+        from ..sonic.inputs.audio import SAMPLE_RATE
+        from ..sonic.inputs.face import FaceCache, NoFaceError
         from ..sonic.params import PrepareOptions
-        from ..sonic.pipeline import load_speech, locate_face, prepare
+        from ..sonic.engine.pipeline import load_speech, locate_face, prepare
 
         options = PrepareOptions(min_resolution=min_resolution, crop=crop, expand_ratio=expand_ratio,
                                  face_box=parse_face_box(face_box), duration=duration or None)
@@ -130,8 +130,8 @@ class SonicPreDataNode:
 
         located = _FACE_CACHE.get(FaceCache.key(pil, options.face_box, crop, expand_ratio, detector), analyse)
         comfy.check_interrupt()
-        from ..sonic import memory
-        from ..sonic.image import output_size
+        from ..sonic.engine import memory
+        from ..sonic.inputs.image import output_size
 
         width, height = output_size(*(pil.size if not crop else (1, 1)), min_resolution)  # a crop is square
         sonic_model.load("audio", "image", memory_required=memory.prepare(height, width, models.dtype))
@@ -189,8 +189,8 @@ class SonicSamplerNode:
 
     def sample(self, sonic_model, predata, seed, steps=25, dynamic_scale=1.0, motion_scale=1.0, audio_guidance=7.5,
                appearance_guidance=2.0, ip_audio_scale=1.0, output="auto", compile=False):
-        from ..sonic import pipeline
-        from ..sonic.frames import FrameStore, as_image_batch
+        from ..sonic.engine import pipeline
+        from ..sonic.post.frames import FrameStore, as_image_batch
         from ..sonic.params import SampleOptions
 
         models, cond = sonic_model.models, predata.cond
@@ -198,7 +198,7 @@ class SonicSamplerNode:
                                 motion_scale=motion_scale, audio_guidance=audio_guidance,
                                 min_appearance_guidance=appearance_guidance, max_appearance_guidance=appearance_guidance,
                                 ip_audio_scale=ip_audio_scale, compile=compile)
-        from ..sonic import memory, offload
+        from ..sonic.engine import memory, offload
 
         bar = comfy.progress_bar(1)
         _, _, latent_h, latent_w = cond.image_latents.shape

@@ -101,7 +101,7 @@ class SonicVideoEncode:
 
     def encode(self, fps, filename_prefix="Sonic/sonic", crf=18, preset="medium", audio_policy="match", watermark="",
                images=None, frames=None, audio=None, prompt=None, extra_pnginfo=None):
-        from ..sonic.video_io import write_mp4
+        from ..sonic.post.video_io import write_mp4
 
         count, height, width, read = video_source(images, frames, "Sonic Video Encode")
         if frames is not None and audio is None:

@@ -12,11 +12,15 @@ __all__ = ["DEFAULT_SEED", "PrepareOptions", "SampleOptions", "load_models", "pr
 
 def __getattr__(name: str):
     if name == "load_models":
-        from .loader import load_models
+        from .engine.loader import load_models
 
         return load_models
     if name in ("prepare", "sample", "decode"):
-        from . import pipeline
+        from .engine import pipeline
 
         return getattr(pipeline, name)
+    if name == "lipsync":  # `sonic.lipsync.measure(...)`, as documented before the engine had rooms
+        from .post import lipsync
+
+        return lipsync
     raise AttributeError(f"module 'sonic' has no attribute {name!r}")

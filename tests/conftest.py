@@ -53,7 +53,7 @@ def expected(tiny_dir) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_dir):
-    from sonic.loader import load_models
+    from sonic.engine.loader import load_models
 
     return load_models(tiny_dir / "models", device="cpu", dtype="fp32", face_detector="auto")
 

@@ -14,7 +14,7 @@ def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
 def prepare_reference_inputs(models, tiny_dir, tiny_params: dict):
     """The recorded run's portrait and speech with its face box -> SonicConditioning (with intermediates)."""
     from sonic.params import PrepareOptions
-    from sonic.pipeline import prepare
+    from sonic.engine.pipeline import prepare
 
     options = PrepareOptions(min_resolution=tiny_params["min_resolution"], face_box=tuple(tiny_params["face_bbox_xywh"]))
     return prepare(models, tiny_dir / tiny_params["image"], tiny_dir / tiny_params["audio"], options,

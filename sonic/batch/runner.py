@@ -25,10 +25,10 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-from .comfy_api import ComfyServer, Outcome, PromptRejected, ServerUnreachable
-from .jobs import Job, JobsError, Workflow, load_jobs
-from .manifest import Manifest, make_record, timings
-from .storage import INPUT_URL_EXPIRY_S, S3, LocalOutputs, S3Outputs
+from ..jobs.comfy_api import ComfyServer, Outcome, PromptRejected, ServerUnreachable
+from ..jobs.jobsfile import Job, JobsError, Workflow, load_jobs
+from ..jobs.manifest import Manifest, make_record, timings
+from ..jobs.storage import INPUT_URL_EXPIRY_S, S3, LocalOutputs, S3Outputs
 
 DEPTH = 2  # prompts of ours per server: the running one and one waiting
 PROBE_S = 5.0  # how often a server that stopped answering is asked again

@@ -15,19 +15,19 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from ..batch.jobs import Workflow, load_jobs
-from ..batch.storage import S3, split_s3
+from ..jobs.jobsfile import Workflow, load_jobs
+from ..jobs.storage import S3, split_s3
 from .queue import QUEUE, TASK, broker_url, make_app
 from .work import BatchStore
 
-SCHEMA_SNAPSHOT = Path(__file__).resolve().parents[1] / "batch" / "sonic_nodes.json"
+SCHEMA_SNAPSHOT = Path(__file__).resolve().parents[1] / "jobs" / "sonic_nodes.json"
 
 
 def node_schema(server: str | None) -> dict:
     """Node definitions to check jobs against: a ComfyUI server's /object_info when given, else the snapshot of
     this pack's nodes that ships with it (file choices such as the model name are checked by the workers' ComfyUI)."""
     if server:
-        from ..batch.comfy_api import ComfyServer
+        from ..jobs.comfy_api import ComfyServer
 
         return ComfyServer(server).object_info()
     return json.loads(SCHEMA_SNAPSHOT.read_text())

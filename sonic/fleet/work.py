@@ -16,10 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-from ..batch.comfy_api import ComfyServer, Outcome, PromptRejected, ServerUnreachable
-from ..batch.jobs import Job, Workflow
-from ..batch.manifest import make_record, timings
-from ..batch.storage import INPUT_URL_EXPIRY_S, S3, S3Outputs
+from ..jobs.comfy_api import ComfyServer, Outcome, PromptRejected, ServerUnreachable
+from ..jobs.jobsfile import Job, Workflow
+from ..jobs.manifest import make_record, timings
+from ..jobs.storage import INPUT_URL_EXPIRY_S, S3, S3Outputs
 from .queue import QUEUE, TASK, make_app
 
 log = logging.getLogger("sonic.fleet")

@@ -1,0 +1,168 @@
+"""Where a batch's outputs go (a local folder or s3://bucket/prefix) and how s3:// inputs reach a server.
+
+S3 goes through boto3 (optional extra `sonic-portrait[s3]`, imported only when an s3:// location is used), so the
+same code talks to AWS S3, Aliyun OSS, MinIO, Cloudflare R2 and Tencent COS (`--s3-endpoint`). Credentials come
+from boto3's standard chain (AWS_* variables, profiles, STS session tokens), never from a jobs file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+from ..hashing import sha256_file
+
+INPUT_URL_EXPIRY_S = 6 * 3600  # presigned input links: a job waits at most about one job in a server's queue
+MULTIPART_THRESHOLD = 16 * 2**20
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """s3://bucket/key -> (bucket, key)."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"{uri!r} is not an s3:// location")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r} has no bucket (s3://bucket/prefix)")
+    return bucket, key
+
+
+class S3:
+    """A boto3 client made the way every S3-compatible store accepts: SigV4 signatures (presigned links too)."""
+
+    def __init__(self, endpoint_url: str | None = None, addressing: str = "auto"):
+        try:
+            import boto3
+            from boto3.s3.transfer import TransferConfig
+            from botocore.config import Config
+        except ImportError:
+            raise RuntimeError("s3:// locations need boto3: pip install 'sonic-portrait[s3]' (or pip install boto3)") from None
+        config = Config(signature_version="s3v4", s3={"addressing_style": addressing},
+                        retries={"max_attempts": 5, "mode": "standard"})
+        self.client = boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
+        self.transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+
+    def presign(self, uri: str, expiry_s: int) -> str:
+        bucket, key = split_s3(uri)
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                  ExpiresIn=int(expiry_s))
+
+    def head(self, uri: str) -> dict | None:
+        """Size and user metadata (lower-case keys) of an object, or None when there is none."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            reply = self.client.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return {"bytes": reply["ContentLength"], "metadata": {k.lower(): v for k, v in reply.get("Metadata", {}).items()}}
+
+    def upload(self, path: Path, uri: str, metadata: dict[str, str], content_type: str) -> None:
+        bucket, key = split_s3(uri)
+        self.client.upload_file(str(path), bucket, key, Config=self.transfer,
+                                ExtraArgs={"Metadata": metadata, "ContentType": content_type})
+
+    def read(self, uri: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def write(self, uri: str, data: bytes, content_type: str) -> None:
+        bucket, key = split_s3(uri)
+        self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+
+    def keys(self, uri: str) -> list[str]:
+        """s3:// URIs of every object under a prefix."""
+        bucket, prefix = split_s3(uri)
+        found = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            found += [f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", [])]
+        return found
+
+    def check_bucket(self, uri: str) -> None:
+        """Fail early (before any job runs) when the bucket is missing or the credentials cannot reach it."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _ = split_s3(uri)
+        try:
+            self.client.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            raise ValueError(f"{uri}: bucket {bucket!r} is not reachable with these credentials ({code or exc}); "
+                             "check the bucket name, AWS_* credentials and --s3-endpoint") from None
+        except BotoCoreError as exc:
+            raise ValueError(f"{uri}: {exc}; check AWS_* credentials and --s3-endpoint") from None
+
+
+class LocalOutputs:
+    """DEST is a folder: `<id>.mp4`, written under a temporary name in the same folder, then renamed."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder).expanduser().resolve()
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"--out {folder} is a file; give a folder or s3://bucket/prefix")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.manifest_location = str(self.folder / "manifest.jsonl")
+
+    def location(self, job_id: str) -> str:
+        return str(self.folder / f"{job_id}.mp4")
+
+    def temp_file(self, job_id: str) -> Path:
+        return self.folder / f".{job_id}.{uuid.uuid4().hex[:8]}.part"
+
+    def existing(self, job_id: str) -> dict | None:
+        path = Path(self.location(job_id))
+        if not path.is_file():
+            return None
+        sha, size = sha256_file(path)
+        return {"sha256": sha, "bytes": size, "metadata": {}}
+
+    def store(self, temp: Path, job_id: str, metadata: dict[str, str]) -> tuple[str, str | None]:
+        target = self.location(job_id)
+        os.replace(temp, target)
+        return target, None
+
+
+class S3Outputs:
+    """DEST is s3://bucket/prefix: `<prefix>/<id>.mp4` with the job's parameters, prompt id and sha256 as object
+    metadata, shared through a presigned GET link that expires after `url_expiry_s`."""
+
+    def __init__(self, s3: S3, uri: str, url_expiry_s: int, check: bool = True):
+        bucket, prefix = split_s3(uri)
+        self.s3, self.url_expiry_s = s3, url_expiry_s
+        self.base = f"s3://{bucket}/{prefix.strip('/')}".rstrip("/")
+        self.manifest_location = f"{self.base}/manifest.jsonl"
+        if check:
+            s3.check_bucket(uri)
+
+    def location(self, job_id: str) -> str:
+        return f"{self.base}/{job_id}.mp4"
+
+    def temp_file(self, job_id: str) -> Path:
+        fd, name = tempfile.mkstemp(prefix=f"sonic-batch-{job_id}-", suffix=".mp4")
+        os.close(fd)
+        return Path(name)
+
+    def existing(self, job_id: str) -> dict | None:
+        head = self.s3.head(self.location(job_id))
+        if head is None:
+            return None
+        return {"sha256": head["metadata"].get("sha256"), "bytes": head["bytes"], "metadata": head["metadata"]}
+
+    def store(self, temp: Path, job_id: str, metadata: dict[str, str]) -> tuple[str, str | None]:
+        target = self.location(job_id)
+        try:
+            self.s3.upload(temp, target, metadata, "video/mp4")
+        finally:
+            temp.unlink(missing_ok=True)
+        return target, self.s3.presign(target, self.url_expiry_s)

@@ -1,0 +1,454 @@
+"""`python -m sonic batch` (sonic/batch/): jobs files, binding, and whole batches against real servers.
+
+The live part starts two real ComfyUI 0.8.0 servers (--cpu, tiny models), a real S3 server (rclone serve s3, which
+checks signatures) and an HTTP file server, all on 127.0.0.1, and runs the batch command as a user would, in a
+process where torch, numpy and ComfyUI cannot be imported (a submitting machine needs no GPU stack).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from servers import ROOT, ComfyUI, FileServer, S3Server, comfyui_dir
+
+from sonic.jobs import comfy_api, jobsfile as jobs_mod
+from sonic.jobs.manifest import Manifest
+
+FAST = {"steps": 1, "min_resolution": 128, "duration": 1.0}
+NO_GPU_STACK = ("torch", "numpy", "comfy", "folder_paths", "diffusers", "transformers", "cv2", "av", "PIL", "librosa")
+BATCH = ("import sys\n"
+         f"for name in {NO_GPU_STACK!r}: sys.modules[name] = None  # importing any of them now fails\n"
+         "from sonic.cli import main\n"
+         "sys.exit(main(['batch'] + sys.argv[1:]))\n")
+
+
+# -- without servers: the jobs file and its binding ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def schema(comfy_env):
+    """/object_info as ComfyUI builds it from the pack's INPUT_TYPES."""
+    return {name: {"input": cls.INPUT_TYPES()} for name, cls in comfy_env["mappings"].items()}
+
+
+@pytest.fixture()
+def inputs(tmp_path, tiny_dir):
+    shutil.copy(tiny_dir / "inputs" / "portrait.png", tmp_path / "portrait.png")
+    shutil.copy(tiny_dir / "inputs" / "speech.wav", tmp_path / "speech.wav")
+    return tmp_path
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_every_bad_row_is_reported_at_once(schema, inputs):
+    workflow = jobs_mod.Workflow.load(None)
+    (inputs / "notes.txt").write_text("not a picture")
+    rows = [
+        {"image": "portrait.png", "audio": "speech.wav", "seed": "abc"},                    # 1 bad value
+        {"image": "missing.png", "audio": "speech.wav", "steps": 0},                         # 2 missing file, range
+        {"id": "a", "image": "portrait.png", "audio": "speech.wav", "crop": "maybe"},        # 3 not a boolean
+        {"id": "a", "image": "notes.txt", "audio": "ftp://host/x.wav"},                      # 4 dup id, type, scheme
+        {"id": "../escape", "image": "portrait.png", "audio": "speech.wav", "wobble": 3},    # 5 id, unknown column
+        {"audio": "s3://bucket-only"},                                                       # 6 no image, bad s3
+    ]
+    with pytest.raises(jobs_mod.JobsError) as err:
+        jobs_mod.load_jobs(_write(inputs / "jobs.jsonl", rows), workflow, schema)
+    problems = "\n".join(err.value.problems)
+    for expected in ["line 1 (id 1): seed: 'abc' is not a whole number",
+                     "line 2 (id 2): image: file 'missing.png' not found",
+                     "line 2 (id 2): steps: 0 is outside 1..200",
+                     "line 3 (id a): crop: 'maybe' is not true or false",
+                     "line 4 (id a): id 'a' is also used on line 3",
+                     "line 4 (id a): image: notes.txt is not a image file",
+                     "line 4 (id a): audio: ftp:// is not supported",
+                     "line 5 (id ../escape): id must be",
+                     "column 'wobble' is not an input of any node in sonic_batch_api.json",
+                     "line 6 (id 6): image: give a local path",
+                     "line 6 (id 6): audio: 's3://bucket-only' is not s3://bucket/key"]:
+        assert expected in problems, problems
+    assert len(err.value.problems) == 11
+
+
+def test_csv_columns_are_typed_and_bound_by_node_type_and_input_name(schema, inputs):
+    (inputs / "jobs.csv").write_text("id,image,audio,seed,crop,expand_ratio,face_box,lip_sync_offset,crf,watermark\n"
+                                     "first,portrait.png,speech.wav,7,yes,0.75,\"10,20,30,40\",0.03,23,Studio X\n"
+                                     ",https://example.com/p.jpg,s3://in/speech.mp3,,,,,,,\n")
+    # the same workflow with other node ids: binding never depends on them
+    workflow = jobs_mod.Workflow.load(None)
+    renumbered = {str(int(k) + 100): v for k, v in workflow.prompt.items()}
+    for node in renumbered.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):
+                node["inputs"][name] = [str(int(value[0]) + 100), value[1]]
+    workflow.prompt = renumbered
+    first, second = jobs_mod.load_jobs(inputs / "jobs.csv", workflow, schema)
+    assert first.params == {"seed": 7, "crop": True, "expand_ratio": 0.75, "face_box": "10,20,30,40",
+                            "lip_sync_offset": 0.03, "crf": 23, "watermark": "Studio X"}
+    assert (second.id, second.params, second.image.kind, second.audio.kind) == ("2", {}, "url", "s3")
+    assert first.image.sha256 == hashlib.sha256((inputs / "portrait.png").read_bytes()).hexdigest()
+    prompt = workflow.bind(first, ("sonic-batch/p.png", ""), ("", "https://x/a.wav"), "sonic-batch/first", schema)
+    by_type = {}
+    for node in prompt.values():
+        by_type.setdefault(node["class_type"], []).append(node["inputs"])
+    assert by_type["SonicLoadImage"][0]["image"] == "sonic-batch/p.png" and by_type["SonicLoadImage"][0]["path_or_url"] == ""
+    assert by_type["SonicLoadAudio"][0]["path_or_url"] == "https://x/a.wav"
+    assert by_type["SonicSampler"][0]["seed"] == 7 and by_type["SonicPreData"][0]["crop"] is True
+    assert [n["face_box"] for t in ("SonicPreData", "SonicLipSyncCalibrate", "SonicSmoothMotion")
+            for n in by_type[t]] == ["10,20,30,40"] * 3
+    assert by_type["SonicVideoEncode"][0] | {} == {**by_type["SonicVideoEncode"][0], "crf": 23, "watermark": "Studio X",
+                                                   "filename_prefix": "sonic-batch/first"}
+    assert workflow.prompt == renumbered  # the workflow itself is untouched
+    # a job's key changes with anything that changes its output
+    again = jobs_mod.load_jobs(inputs / "jobs.csv", workflow, schema)
+    assert again[0].key == first.key
+    (inputs / "portrait.png").write_bytes((inputs / "portrait.png").read_bytes() + b"\0")
+    assert jobs_mod.load_jobs(inputs / "jobs.csv", workflow, schema)[0].key != first.key
+
+
+def test_workflow_must_be_api_format_with_one_encoder(tmp_path):
+    ui = tmp_path / "ui.json"
+    ui.write_text(json.dumps({"nodes": [], "links": []}))
+    with pytest.raises(ValueError, match="UI workflow; batch runs need the API format"):
+        jobs_mod.Workflow.load(ui)
+    api = json.loads(jobs_mod.DEFAULT_WORKFLOW.read_text())
+    api["99"] = copy.deepcopy(api["6"])
+    (tmp_path / "two.json").write_text(json.dumps(api))
+    with pytest.raises(ValueError, match="exactly one SonicVideoEncode node"):
+        jobs_mod.Workflow.load(tmp_path / "two.json")
+
+
+def test_execution_errors_are_told_apart():
+    oom = {"node_id": "5", "node_type": "SonicSampler", "exception_type": "torch.OutOfMemoryError",
+           "exception_message": "CUDA out of memory. Tried to allocate 2.00 GiB"}
+    face = {"node_id": "4", "node_type": "SonicPreData", "exception_type": "ValueError",
+            "exception_message": "no face found in the portrait; give face_box"}
+    assert comfy_api.describe_error(oom) == ("SonicSampler (node 5): OutOfMemoryError: CUDA out of memory. "
+                                             "Tried to allocate 2.00 GiB", True)
+    assert comfy_api.describe_error(face)[1] is False
+
+
+def test_manifest_survives_a_cut_last_line(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    path.write_text(json.dumps({"id": "a", "status": "done"}) + "\n" + '{"id": "b", "sta')
+    manifest = Manifest(str(path))
+    assert list(manifest.latest) == ["a"]
+    manifest.append({"id": "b", "status": "failed"})
+    assert {r["id"]: r["status"] for r in map(json.loads, path.read_text().splitlines()[::2])} == {"a": "done", "b": "failed"}
+    assert Manifest(str(path)).latest["b"]["status"] == "failed"
+
+
+# -- against real servers ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_dir):
+    """Two ComfyUI servers, an S3 server with an `inputs` and an `outputs` bucket, an HTTP server, the inputs."""
+    comfyui_dir()  # skip (or fail in CI) before starting anything
+    top = tmp_path_factory.mktemp("batch")
+    material = top / "material"
+    material.mkdir()
+    shutil.copy(tiny_dir / "inputs" / "portrait.png", material / "portrait.png")
+    shutil.copy(tiny_dir / "inputs" / "speech.wav", material / "speech.wav")
+    import imageio_ffmpeg
+    from PIL import Image
+
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(material / "speech.wav"), "-b:a", "64k",
+                    str(material / "speech.mp3")], check=True)
+    gradient = (Image.linear_gradient("L").resize((144, 256)).convert("RGB"))
+    gradient.save(material / "noface.png")  # a photo with no face in it
+    servers = [ComfyUI(top / name, tiny_dir, threads=1).start() for name in ("a", "b")]
+    s3 = S3Server(top / "s3", ("inputs", "outputs"))
+    files = FileServer(material)
+    try:
+        for server in servers:
+            server.wait()
+        client = s3.client()
+        for name in ("portrait.png", "speech.wav", "speech.mp3"):
+            client.upload_file(str(material / name), "inputs", f"speech-lab/{name}")
+        yield {"servers": servers, "s3": s3, "files": files, "material": material, "top": top}
+    finally:
+        files.stop()
+        s3.stop()
+        for server in servers:
+            server.stop()
+
+
+def _env(world) -> dict:
+    return {**os.environ, **world["s3"].env, "PYTHONPATH": str(ROOT)}
+
+
+def run_batch(world, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BATCH, *args], env=_env(world), capture_output=True, text=True,
+                          timeout=timeout, cwd=world["top"])
+
+
+def start_batch(world, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", BATCH, *args], env=_env(world), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=world["top"])
+
+
+def follow_batch(world, args, when, act, timeout=300) -> tuple[int, list[dict], str]:
+    """Run the batch, call act(event, process) on the first event for which when(event) holds, let it end.
+    -> (exit status, every JSON event, stderr)."""
+    process = start_batch(world, *args)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if when(json.loads(line)):
+                act(json.loads(line), process)
+                break
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, [json.loads(line) for line in lines + stdout.splitlines(keepends=True)], stderr
+
+
+def _servers(world) -> list[str]:
+    return [arg for server in world["servers"] for arg in ("--server", server.url)]
+
+
+def _events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _history_size(server) -> int:
+    return len(_get(server.url + "/history"))
+
+
+def _check_mp4(path: Path) -> dict:
+    import av
+
+    with av.open(str(path)) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        frames = sum(1 for _ in container.decode(video=0))
+        info = {"frames": frames, "video_codec": video.codec_context.name, "audio_codec": audio.codec_context.name,
+                "fps": float(video.average_rate), "audio_s": float(audio.duration * audio.time_base),
+                "prompt": json.loads(container.metadata["prompt"])}
+    return info
+
+
+def _sampler_seed(prompt: dict) -> int:
+    return next(n["inputs"]["seed"] for n in prompt.values() if n["class_type"] == "SonicSampler")
+
+
+def test_mixed_batch_over_two_servers_then_resume(world):
+    material, files = world["material"], world["files"]
+    rows = [
+        {"id": "local-wav", "image": "portrait.png", "audio": "speech.wav", "seed": 11, **FAST},
+        {"id": "url-mp3", "image": f"{files.url}/portrait.png", "audio": "speech.mp3", "seed": 12, **FAST},
+        {"id": "s3-both", "image": "s3://inputs/speech-lab/portrait.png", "audio": "s3://inputs/speech-lab/speech.mp3",
+         "seed": 13, **FAST},
+        {"id": "no-face", "image": "noface.png", "audio": "speech.wav", "seed": 14, **FAST},
+        {"id": "url-wav", "image": "portrait.png", "audio": f"{files.url}/speech.wav", "seed": 15, **FAST},
+    ]
+    jobs = _write(material / "mixed.jsonl", rows)
+    out = world["top"] / "out-mixed"
+    args = [str(jobs), *_servers(world), "--out", str(out), "--json", "--backoff", "0.2"]
+    done = run_batch(world, *args)
+    assert done.returncode == 1, done.stderr  # one job failed
+    events = _events(done.stdout)
+    records = {r["id"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert sorted(records) == sorted(r["id"] for r in rows)
+    for row in rows:
+        record = records[row["id"]]
+        if row["id"] == "no-face":
+            assert record["status"] == "failed" and record["attempts"] == 1, record  # bad input: never retried
+            assert record["error"].startswith("SonicPreData (node 4): NoFaceError: no face") and "face box" in record["error"]
+            assert not (out / "no-face.mp4").exists()
+            continue
+        assert record["status"] == "done", record
+        video = out / f"{row['id']}.mp4"
+        assert record["output"] == str(video) and record["bytes"] == video.stat().st_size
+        assert record["sha256"] == hashlib.sha256(video.read_bytes()).hexdigest()
+        info = _check_mp4(video)
+        assert (info["video_codec"], info["audio_codec"], info["frames"], info["fps"]) == ("h264", "aac", 23, 25.0)
+        assert abs(info["audio_s"] - 23 / 25) < 0.05  # the sound is as long as the picture (1 s asked, 0.92 s made)
+        assert _sampler_seed(info["prompt"]) == row["seed"]  # each job's own seed reached the sampler
+        local = material / row["image"]
+        assert record["image"] == (str(local) if local.is_file() else row["image"])  # inputs as found
+        assert record["params"]["seed"] == row["seed"]
+        assert isinstance(record["offset"], float) and isinstance(record["confidence"], float)
+    assert {r["server"] for r in records.values()} == {s.url for s in world["servers"]}  # both servers worked
+    assert [e["event"] for e in events].count("queued") == 5 and any(e["event"] == "progress" for e in events)
+    assert not [p for p in out.iterdir() if p.name.endswith(".part")]
+    # the same local file went to each server once, whatever the number of jobs using it
+    for server in world["servers"]:
+        uploaded = list((server.base / "input" / "sonic-batch").iterdir())
+        assert len({p.read_bytes() for p in uploaded}) == len(uploaded)
+
+    # run again: nothing new is submitted, finished jobs stay as they are
+    sizes = [_history_size(s) for s in world["servers"]]
+    again = run_batch(world, *args)
+    assert again.returncode == 1  # the failed job is still failed
+    assert [e["event"] for e in _events(again.stdout) if e["event"] in ("queued", "done", "failed")] == []
+    assert sorted(e["id"] for e in _events(again.stdout) if e["event"] == "skipped") == sorted(r["id"] for r in rows)
+    assert [_history_size(s) for s in world["servers"]] == sizes
+    # a deleted output is made again; the failed job reruns only when asked
+    (out / "url-wav.mp4").unlink()
+    third = run_batch(world, *args, "--retry-failed")
+    ran = [e["id"] for e in _events(third.stdout) if e["event"] in ("done", "failed")]
+    assert sorted(ran) == ["no-face", "url-wav"] and third.returncode == 1
+    assert (out / "url-wav.mp4").is_file()
+
+
+def test_bad_rows_rejected_before_anything_is_submitted(world):
+    material = world["material"]
+    jobs = _write(material / "bad.jsonl", [
+        {"image": "portrait.png", "audio": "speech.wav", "seed": -1},
+        {"image": "nope.png", "audio": "speech.wav"},
+        {"id": "x", "image": "portrait.png", "audio": "speech.wav", "colour": "red"},
+        {"id": "x", "image": "portrait.png", "audio": "speech.wav"},
+    ])
+    sizes = [_history_size(s) for s in world["servers"]]
+    result = run_batch(world, str(jobs), *_servers(world), "--out", str(world["top"] / "out-bad"))
+    assert result.returncode == 2
+    for expected in ("seed: -1 is outside 0..", "image: file 'nope.png' not found", "column 'colour' is not an input",
+                     "id 'x' is also used on line 3", "4 problem(s); nothing was submitted"):
+        assert expected in result.stderr, result.stderr
+    assert [_history_size(s) for s in world["servers"]] == sizes
+    assert "Traceback" not in result.stderr
+    nowhere = run_batch(world, str(jobs), "--server", "http://127.0.0.1:9", "--out", str(world["top"] / "out-bad"))
+    assert nowhere.returncode == 2 and "no --server can run the workflow" in nowhere.stderr
+
+
+def test_s3_outputs_with_metadata_and_signed_links(world):
+    material, s3 = world["material"], world["s3"]
+    rows = [{"id": f"s3-{n}", "image": "portrait.png", "audio": "speech.wav", "seed": 100 + n, **FAST} for n in range(2)]
+    jobs = _write(material / "to-s3.jsonl", rows)
+    result = run_batch(world, str(jobs), *_servers(world), "--out", "s3://outputs/run1", "--json", "--url-expiry", "600")
+    assert result.returncode == 0, result.stderr
+    client = s3.client()
+    manifest = client.get_object(Bucket="outputs", Key="run1/manifest.jsonl")["Body"].read().decode()
+    records = {r["id"]: r for r in map(json.loads, manifest.splitlines())}
+    for row in rows:
+        record = records[row["id"]]
+        assert record["output"] == f"s3://outputs/run1/{row['id']}.mp4"
+        head = client.head_object(Bucket="outputs", Key=f"run1/{row['id']}.mp4")
+        meta = {k.lower(): v for k, v in head["Metadata"].items()}
+        assert meta["sha256"] == record["sha256"] and meta["sonic-prompt-id"] == record["prompt_id"]
+        assert json.loads(meta["sonic-params"])["seed"] == row["seed"] and head["ContentType"] == "video/mp4"
+        assert "X-Amz-Signature=" in record["url"] and "X-Amz-Expires=600" in record["url"]
+        data = urllib.request.urlopen(record["url"], timeout=30).read()  # the link alone downloads the video
+        assert hashlib.sha256(data).hexdigest() == record["sha256"] and len(data) == record["bytes"]
+        tampered = record["url"].replace("X-Amz-Signature=", "X-Amz-Signature=0")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(tampered, timeout=30)
+        assert refused.value.code == 403
+    # resumable from the store alone
+    again = run_batch(world, str(jobs), *_servers(world), "--out", "s3://outputs/run1", "--json")
+    assert again.returncode == 0 and not [e for e in _events(again.stdout) if e["event"] == "queued"]
+
+
+def _wait_until(predicate, seconds: float, what: str):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what} did not happen in {seconds} s")
+
+
+def test_ctrl_c_takes_only_our_prompts_out_of_the_queues(world):
+    material, first = world["material"], world["servers"][0]
+    rows = [{"id": f"slow-{n}", "image": "portrait.png", "audio": "speech.wav", "seed": 200 + n, **FAST, "steps": 60}
+            for n in range(6)]
+    jobs = _write(material / "slow.jsonl", rows)
+    out = world["top"] / "out-cancel"
+    ours = set()
+
+    def enough_started(event) -> bool:
+        ours.add(event.get("prompt_id")) if event["event"] == "queued" else None
+        return event["event"] == "progress" and len(ours) >= 3
+
+    def foreign_prompt_then_ctrl_c(_, process):
+        # another user's prompt waits on the first server behind ours
+        foreign = json.loads((ROOT / "workflows" / "api" / "sonic_quick_512.json").read_text())
+        for node in foreign.values():
+            if node["class_type"] == "SonicPreData":
+                node["inputs"].update(min_resolution=128, duration=1.0)
+            if node["class_type"] == "SonicSampler":
+                node["inputs"].update(steps=1, seed=9999)
+            if node["class_type"] in ("SonicLoadImage", "SonicLoadAudio"):
+                name = "portrait.png" if node["class_type"] == "SonicLoadImage" else "speech.wav"
+                node["inputs"]["path_or_url"] = f"{world['files'].url}/{name}"
+        body = json.dumps({"prompt": foreign, "prompt_id": foreign_id}).encode()
+        urllib.request.urlopen(urllib.request.Request(first.url + "/prompt", body, {"Content-Type": "application/json"}),
+                               timeout=30).read()
+        process.send_signal(signal.SIGINT)
+
+    foreign_id = uuid.uuid4().hex
+    status, events, stderr = follow_batch(world, [str(jobs), *_servers(world), "--out", str(out), "--json"],
+                                          enough_started, foreign_prompt_then_ctrl_c, timeout=120)
+    assert status == 130, stderr
+    assert "Traceback" not in stderr
+    ours |= {e["prompt_id"] for e in events if e["event"] == "queued"}
+    for server in world["servers"]:  # on exit, nothing of ours is queued or running anywhere
+        queue = _get(server.url + "/queue")
+        left = {item[1] for item in queue["queue_running"] + queue["queue_pending"]}
+        assert not (left & ours), (server.url, left & ours)
+    _wait_until(lambda: _get(f"{first.url}/history/{foreign_id}").get(foreign_id, {}).get("status", {}).get("status_str")
+                == "success", 120, "the other user's prompt finishing")
+    assert "cancelled" in [e["event"] for e in events]
+    assert not [p for p in out.iterdir() if p.name.endswith(".part")]
+
+
+def test_a_server_killed_mid_batch_loses_no_job(world):
+    """Last: it kills one of the servers."""
+    material = world["material"]
+    rows = [{"id": f"k{n}", "image": "portrait.png", "audio": "speech.wav", "seed": 300 + n, **FAST, "steps": 3}
+            for n in range(6)]
+    jobs = _write(material / "kill.jsonl", rows)
+    out = world["top"] / "out-kill"
+    victim = world["servers"][1]
+    status, events, stderr = follow_batch(
+        world, [str(jobs), *_servers(world), "--out", str(out), "--json", "--backoff", "0.2"],
+        lambda e: e["event"] == "progress" and e["server"] == victim.url,
+        lambda e, process: victim.kill())  # mid-job: one prompt running there, one waiting
+    assert status == 0, stderr
+    assert "server_down" in [e["event"] for e in events]
+    retried = {e["id"] for e in events if e["event"] == "retry"}
+    assert retried, "the killed server's jobs were not moved"
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(r["id"] for r in rows)  # each job exactly once
+    for record in records:
+        assert record["status"] == "done" and (out / f"{record['id']}.mp4").is_file()
+        if record["id"] in retried:
+            assert record["server"] == world["servers"][0].url and record["attempts"] == 2
+    assert sorted(p.name for p in out.glob("*.mp4")) == sorted(f"{r['id']}.mp4" for r in rows)
+
+
+def test_every_server_gone_stops_with_a_resumable_manifest(world):
+    """After the previous test only the first server is left; it dies too."""
+    material, last = world["material"], world["servers"][0]
+    rows = [{"id": f"g{n}", "image": "portrait.png", "audio": "speech.wav", "seed": 400 + n, **FAST, "steps": 3}
+            for n in range(4)]
+    jobs = _write(material / "gone.jsonl", rows)
+    out = world["top"] / "out-gone"
+    status, _, stderr = follow_batch(
+        world, [str(jobs), "--server", last.url, "--out", str(out), "--json", "--backoff", "0.2", "--give-up-after", "3"],
+        lambda e: e["event"] == "progress", lambda e, process: last.kill(), timeout=120)
+    assert status == 1
+    assert "every server has stopped answering" in stderr and "Run the same command again to resume" in stderr
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()] \
+        if (out / "manifest.jsonl").exists() else []
+    assert all(r["status"] == "done" for r in records)  # jobs that did not run are not recorded as failed
+    assert len(records) < len(rows)

@@ -1,0 +1,88 @@
+"""UNet block streaming (sonic/offload.py): every weight is in exactly one streamed unit, the device holds one
+unit at a time, nothing changes in host memory, and the video is the same."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sonic.engine import offload, pipeline
+from sonic.params import SampleOptions
+
+
+def _weights(module) -> dict[int, torch.Tensor]:
+    return {id(t): t for t in [*module.parameters(), *module.buffers()]}
+
+
+def test_units_hold_every_weight_exactly_once(tiny_models):
+    unet = tiny_models.unet
+    units = offload.unet_units(unet)
+    owned = [id(t) for unit in units for t in [*unit.parameters(), *unit.buffers()]]
+    assert len(owned) == len(set(owned))  # no weight in two units
+    assert set(owned) == set(_weights(unet))  # and none left out
+
+
+def test_the_released_unet_streams_in_blocks_of_at_most_a_tenth(reference_dir):
+    """On the released architecture (built on `meta`): the largest unit against the whole UNet, in fp16."""
+    from sonic.engine.models.unet import build_sonic_unet
+
+    unet, _ = build_sonic_unet(json.loads((reference_dir / "svd-xt" / "unet" / "config.json").read_text()), 1024)
+    unet.to(device="meta", dtype=torch.float16)
+    units = offload.unet_units(unet)
+    total = sum(t.numel() * t.element_size() for t in unet.parameters())
+    largest = max(offload.unit_bytes(unit) for unit in units)
+    assert 2.8e9 < total < 3.3e9  # the 3.0 GB fp16 UNet
+    assert largest < 0.1 * total, (largest, total)
+
+
+def test_the_device_holds_one_unit_at_a_time_and_the_host_copy_is_untouched(tiny_models, expected):
+    """Streamed to `meta` (a device without memory that still runs every layer's shapes), what sits on that
+    device is counted at each unit's forward; the CPU copies keep their storage and values."""
+    unet, conditioning = tiny_models.unet, tiny_models.audio_conditioning
+    units = offload.unet_units(unet)
+    before = {key: (t.data_ptr(), t.clone()) for key, t in _weights(unet).items()}
+    resident, largest = [], max(offload.unit_bytes(u) for u in units)
+
+    def on_device(*_):
+        resident.append(sum(t.numel() * t.element_size() for t in _weights(unet).values() if t.device.type == "meta"))
+
+    sample, tokens = expected["unet_call0.sample"], expected["unet_call0.audio_tokens"]
+    meta = {name: t.to("meta") for name, t in dict(sample=sample, tokens=tokens, mask=expected["unet_call0.face_mask"],
+            ids=expected["unet_call0.added_time_ids"], clip=expected["unet_call0.image_embeds"][::25],
+            timestep=expected["unet_call0.timestep"][0]).items()}
+    with torch.no_grad(), offload.streamed(units, "meta"), conditioning.bind(meta["tokens"], 25, meta["mask"], 1.0):
+        # registered after the streaming hooks, so each count runs once its unit is on the device
+        hooks = [u.register_forward_pre_hook(on_device) for u in units]
+        try:
+            out = unet(meta["sample"], meta["timestep"], encoder_hidden_states=meta["clip"],
+                       added_time_ids=meta["ids"], return_dict=False)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
+    assert out.shape == (sample.shape[0], 25, 4, *sample.shape[-2:])
+    assert len(resident) >= len(units) and max(resident) == largest and min(resident) > 0
+    for key, t in _weights(unet).items():
+        assert t.device.type == "cpu" and t.data_ptr() == before[key][0] and torch.equal(t, before[key][1])
+
+
+def test_streaming_gives_the_same_latents(tiny_models, tiny_cond):
+    options = dict(inference_steps=1, seed=5, sequential_guidance=True)
+    plain = pipeline.sample(tiny_models, tiny_cond, SampleOptions(**options))
+    streamed = pipeline.sample(tiny_models, tiny_cond, SampleOptions(stream_unet=True, **options))
+    assert torch.equal(streamed, plain)
+
+
+def test_streaming_and_compile_are_refused_together():
+    with pytest.raises(ValueError, match="compile and stream_unet cannot be combined"):
+        SampleOptions(compile=True, stream_unet=True)
+
+
+def test_a_unit_that_raises_is_put_back(tiny_models):
+    units = offload.unet_units(tiny_models.unet)
+    conv_in = tiny_models.unet.conv_in
+    weight = conv_in.weight
+    with pytest.raises(RuntimeError), torch.no_grad(), offload.streamed(units, "meta"):
+        conv_in(torch.zeros(1, 3, 8, 8, device="meta"))  # wrong channels: fails inside the unit's forward
+    assert conv_in.weight is weight and weight.device.type == "cpu"

@@ -1,0 +1,554 @@
+"""The node pack as ComfyUI sees it: contracts of every node, and each node run through the harness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_harness import ValidationError, execute_prompt, validate_prompt
+
+NODE_IDS = ["SonicLoadImage", "SonicLoadAudio", "SonicModelLoader", "SonicPreData", "SonicSampler",
+            "SonicLipSyncCalibrate", "SonicSmoothMotion", "SonicVideoEncode"]
+
+
+def test_every_node_has_a_complete_contract(comfy_env):
+    mappings = comfy_env["mappings"]
+    assert sorted(mappings) == sorted(NODE_IDS)
+    assert sorted(comfy_env["pack"].NODE_DISPLAY_NAME_MAPPINGS) == sorted(NODE_IDS)
+    for node_id, cls in mappings.items():
+        types = cls.INPUT_TYPES()
+        assert set(types) <= {"required", "optional", "hidden"}
+        assert cls.CATEGORY == "Sonic" and cls.DESCRIPTION
+        assert isinstance(cls.RETURN_TYPES, tuple) and callable(getattr(cls, cls.FUNCTION))
+        assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
+        for group in ("required", "optional"):
+            for name, spec in types.get(group, {}).items():
+                assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+def test_combos_list_the_folders(comfy_env):
+    mappings = comfy_env["mappings"]
+    assert mappings["SonicModelLoader"].INPUT_TYPES()["required"]["sonic_unet"][0] == ["Sonic/unet.pth"]
+    assert "portrait.png" in mappings["SonicLoadImage"].INPUT_TYPES()["required"]["image"][0]
+    assert "speech.wav" in mappings["SonicLoadAudio"].INPUT_TYPES()["required"]["audio"][0]
+    seed = mappings["SonicSampler"].INPUT_TYPES()["required"]["seed"][1]
+    assert seed["control_after_generate"] and seed["default"] == 72589
+
+
+def _graph(**overrides):
+    sampler = {"sonic_model": ["3", 0], "predata": ["4", 0], "seed": 1, "steps": 1, "dynamic_scale": 1.0,
+               "motion_scale": 1.0, "audio_guidance": 7.5, "appearance_guidance": 2.0, "ip_audio_scale": 1.0,
+               "output": "auto"}
+    prompt = {
+        "1": {"class_type": "SonicLoadImage", "inputs": {"image": "portrait.png"}},
+        "2": {"class_type": "SonicLoadAudio", "inputs": {"audio": "speech.wav", "trim_silence": False, "silence_db": 40.0}},
+        "3": {"class_type": "SonicModelLoader", "inputs": {"sonic_unet": "Sonic/unet.pth", "dtype": "fp32",
+                                                          "interpolation": True, "face_detector": "auto"}},
+        "4": {"class_type": "SonicPreData", "inputs": {"sonic_model": ["3", 0], "image": ["1", 0], "audio": ["2", 0],
+                                                      "min_resolution": 128, "duration": 1.0, "crop": False,
+                                                      "expand_ratio": 0.5, "face_box": "37.25,37,76.25,76.25"}},
+        "5": {"class_type": "SonicSampler", "inputs": sampler},
+        "6": {"class_type": "SonicVideoEncode", "inputs": {"fps": ["5", 2], "filename_prefix": "test/sonic", "crf": 23,
+                                                          "images": ["5", 0], "audio": ["5", 1]}},
+    }
+    for key, value in overrides.items():
+        node, name = key.split(".")
+        prompt[node]["inputs"][name] = value
+    return prompt
+
+
+def test_graph_runs_end_to_end(comfy_env):
+    results, ui = execute_prompt(_graph(), comfy_env["mappings"])
+    images, audio, fps, frames = results["5"]
+    assert fps == 25.0 and images.shape == (23, 256, 128, 3) and images.dtype == torch.float32
+    assert audio["waveform"].shape[-1] == round(23 / 25 * 16000) and audio["sample_rate"] == 16000
+    assert len(frames.store) == 23
+    entry = ui["6"]["images"][0]
+    assert ui["6"]["animated"] == [True] and entry["type"] == "output" and entry["subfolder"] == "test"
+    assert (comfy_env["base"] / "output" / "test" / entry["filename"]).is_file()
+
+
+def test_validation_catches_bad_values(comfy_env):
+    mappings = comfy_env["mappings"]
+    for overrides, message in (({"4.min_resolution": 64}, "smaller than min"),
+                               ({"3.dtype": "fp8"}, "not in list"),
+                               ({"6.images": ["2", 0]}, "return type mismatch"),
+                               ({"1.image": "missing.png"}, "custom validation failed")):
+        with pytest.raises(ValidationError, match=message):
+            validate_prompt(_graph(**overrides), mappings)
+
+
+def _node(comfy_env, node_id):
+    return comfy_env["mappings"][node_id]()
+
+
+def _model(comfy_env):
+    return _node(comfy_env, "SonicModelLoader").load("Sonic/unet.pth", dtype="fp32")[0]
+
+
+def _inputs(comfy_env):
+    """(SONIC_MODEL, IMAGE, AUDIO) from the loader nodes, on the reference portrait and speech."""
+    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
+    return _model(comfy_env), image, _node(comfy_env, "SonicLoadAudio").load("speech.wav")[0]
+
+
+def test_model_loader_caches(comfy_env):
+    first, second = _model(comfy_env), _model(comfy_env)
+    assert first is second  # loaded once, kept between runs
+    with pytest.raises(ValueError, match="both vae and clip_vision"):
+        _node(comfy_env, "SonicModelLoader").load("Sonic/unet.pth", vae=object())
+
+
+def _run_stages(comfy_env, min_resolution=128, **sampler):
+    model, image, audio = _inputs(comfy_env)
+    predata = _node(comfy_env, "SonicPreData").prepare(model, image, audio, min_resolution=min_resolution,
+                                                       duration=0.5, face_box="37,37,76,76")[0]
+    return predata, _node(comfy_env, "SonicSampler").sample(model, predata, seed=3, steps=2, **sampler)
+
+
+def test_each_stage_tells_comfyui_the_memory_it_needs(comfy_env, monkeypatch):
+    """ComfyUI frees memory for a stage only as far as it is told: every load names its modules and the working
+    memory of that stage for this video's size (sonic/memory.py), so other models are evicted when needed."""
+    import comfy.model_management as mm
+
+    from sonic.engine import memory
+
+    sizes, areas = {}, {}
+    for resolution in (128, 256):
+        mm.REQUESTS.clear()
+        predata, _ = _run_stages(comfy_env, resolution)
+        width, height = predata.cond.size
+        latent_h, latent_w = height // 8, width // 8
+        assert mm.REQUESTS == [
+            (["ModuleDict", "AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection"],
+             memory.prepare(height, width, torch.float32)),
+            (["UNetSpatioTemporalConditionModel"], memory.sampling(1, 25, latent_h, latent_w, torch.float32)),
+            (["AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection", "IFNet"],
+             memory.decode(8, 4, height, width, torch.float32, interpolation=True)),
+        ]
+        sizes[resolution], areas[resolution] = [request for _, request in mm.REQUESTS], width * height
+    # a larger video asks for more, in proportion to its area (128x256 -> 256x448 here)
+    area_ratio = areas[256] / areas[128]
+    assert area_ratio == 3.5
+    fixed = memory.UNET_FIXED_BYTES * memory.SLACK  # the UNet call's size-independent part
+    assert (sizes[256][1] - fixed) / (sizes[128][1] - fixed) == pytest.approx(area_ratio, rel=1e-3)
+    assert sizes[256][2] / sizes[128][2] == pytest.approx(area_ratio, rel=1e-3)
+
+
+def test_low_vram_mode_is_chosen_from_free_memory_and_gives_the_same_video(comfy_env, monkeypatch, caplog):
+    import comfy.model_management as mm
+
+    from sonic.engine import memory
+
+    _, (normal, *_rest) = _run_stages(comfy_env)
+    predata, _ = _run_stages(comfy_env)
+    latent = predata.cond.image_latents.shape[2:]
+    batched = memory.sampling(1, 25, *latent, torch.float32)
+    sequential = memory.sampling(1, 25, *latent, torch.float32, sequential_guidance=True)
+    assert sequential < batched
+    calls = []
+    unet = _model(comfy_env).models.unet
+    handle = unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        monkeypatch.setattr(mm, "FREE_MEMORY", batched - 1)  # a card where the batched call does not fit
+        mm.REQUESTS.clear()
+        with caplog.at_level("INFO"):
+            _, (low, *_rest) = _run_stages(comfy_env)
+        assert "low-VRAM mode" in caplog.text
+        assert [r for names, r in mm.REQUESTS if names == ["UNetSpatioTemporalConditionModel"]] == [batched, sequential]
+        assert set(calls) == {1}  # one guidance row per UNet call
+        calls.clear()
+        monkeypatch.setattr(mm, "FREE_MEMORY", None)
+        monkeypatch.setenv("SONIC_LOW_VRAM", "1")  # the setting forces it whatever is free
+        _run_stages(comfy_env)
+        assert set(calls) == {1}
+        calls.clear()
+        monkeypatch.delenv("SONIC_LOW_VRAM")
+        _run_stages(comfy_env)
+        assert set(calls) == {3}  # plenty free: the three rows in one call
+    finally:
+        handle.remove()
+    assert (low.float() - normal.float()).abs().max() < 2 / 255  # the same video (uint8 rounding at most)
+
+
+def test_unet_streaming_under_novram_or_a_small_card_gives_the_same_video(comfy_env, monkeypatch, caplog):
+    import comfy.model_management as mm
+
+    from sonic.engine import memory, offload
+
+    _, (normal, *_rest) = _run_stages(comfy_env)
+    unet = _model(comfy_env).models.unet
+    rows = []
+    handle = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
+        mm.REQUESTS.clear()
+        mm.FREED.clear()
+        with caplog.at_level("INFO"):
+            predata, (streamed, *_rest) = _run_stages(comfy_env)
+        assert "UNet streaming" in caplog.text
+        assert not [names for names, _ in mm.REQUESTS if names == ["UNetSpatioTemporalConditionModel"]]  # never loaded whole
+        latent = predata.cond.image_latents.shape[2:]
+        largest = max(offload.unit_bytes(unit) for unit in offload.unet_units(unet))
+        assert mm.FREED == [memory.streamed_unet(largest, 1, 25, *latent, torch.float32)]
+        assert set(rows) == {1}  # low-VRAM rows too
+        # a card whose whole memory cannot hold the UNet's weights and a low-VRAM call chooses it by itself
+        monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
+        unet_bytes = sum(t.numel() * t.element_size() for t in [*unet.parameters(), *unet.buffers()])
+        fits = unet_bytes + memory.sampling(1, 25, *latent, torch.float32, sequential_guidance=True)
+        monkeypatch.setattr(mm, "TOTAL_MEMORY", fits + mm.minimum_inference_memory() - 1)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            _run_stages(comfy_env)
+        assert "UNet streaming" in caplog.text
+        monkeypatch.setattr(mm, "TOTAL_MEMORY", fits + mm.minimum_inference_memory())
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            _run_stages(comfy_env)
+        assert "UNet streaming" not in caplog.text
+    finally:
+        handle.remove()
+    assert (streamed.float() - normal.float()).abs().max() < 2 / 255  # the same video (uint8 rounding at most)
+
+
+def test_same_portrait_with_new_audio_reuses_the_face_analysis(comfy_env, monkeypatch):
+    from comfy_harness import load_pack  # noqa: F401  (pack already loaded by the fixture)
+
+    model, image, audio = _inputs(comfy_env)
+    monkeypatch.setattr(comfy_env["pack"].nodes.sampling, "_FACE_CACHE", None)  # earlier tests analysed it
+    calls = []
+    detector = model.models.face_detector
+    original = detector.detect
+    monkeypatch.setattr(detector, "detect", lambda rgb: calls.append(rgb.shape) or original(rgb))
+    node = _node(comfy_env, "SonicPreData")
+    first = node.prepare(model, image, audio, min_resolution=128, duration=1.0)[0]
+    quieter = {"waveform": audio["waveform"] * 0.5, "sample_rate": audio["sample_rate"]}
+    second = node.prepare(model, image, quieter, min_resolution=128, duration=0.6)[0]
+    assert len(calls) == 1  # detected once
+    assert first.cond.face_box == second.cond.face_box
+    assert first.cond.num_frames == 12 and second.cond.num_frames == 7
+
+
+def test_predata_errors_are_actionable(comfy_env):
+    model, image, audio = _inputs(comfy_env)
+    node = _node(comfy_env, "SonicPreData")
+    with pytest.raises(ValueError, match="longer than the audio"):
+        node.prepare(model, image, audio, duration=30.0)
+    with pytest.raises(ValueError, match="face_box"):
+        node.prepare(model, image, audio, face_box="1,2,3")
+    blank = torch.full((1, 128, 128, 3), 0.5)
+    with pytest.raises(ValueError, match="no face found in the portrait.*Sonic PreData's face_box widget"):
+        node.prepare(model, blank, audio, min_resolution=128)
+
+
+def test_core_load_audio_output_is_accepted(comfy_env):
+    """ComfyUI's LoadAudio gives float32 [1, C, T] at the file's own rate: a 44.1 kHz stereo clip works."""
+    import numpy as np
+
+    model = _model(comfy_env)
+    image, _ = _node(comfy_env, "SonicLoadImage").load("portrait.png")
+    t = np.arange(44100) / 44100
+    wave = torch.from_numpy(np.stack([np.sin(2 * np.pi * 200 * t), np.sin(2 * np.pi * 300 * t)]).astype(np.float32))
+    predata = _node(comfy_env, "SonicPreData").prepare(model, image, {"waveform": wave[None], "sample_rate": 44100},
+                                                      min_resolution=128, face_box="37,37,76,76")[0]
+    assert predata.cond.num_frames == 12 and predata.audio["sample_rate"] == 44100
+
+
+def test_load_audio_keeps_rate_and_channels_and_trims_silence(comfy_env):
+    import numpy as np
+    import soundfile
+
+    rate = 22050
+    tone = 0.5 * np.sin(2 * np.pi * 220 * np.arange(rate) / rate)
+    stereo = np.concatenate([np.zeros(rate // 2), tone, np.zeros(rate)])[:, None] * [1.0, 0.8]
+    soundfile.write(comfy_env["base"] / "input" / "padded.flac", stereo.astype(np.float32), rate)
+    node = _node(comfy_env, "SonicLoadAudio")
+    plain = node.load("padded.flac")[0]
+    trimmed = node.load("padded.flac", trim_silence=True)[0]
+    assert plain["sample_rate"] == rate and plain["waveform"].shape == (1, 2, int(2.5 * rate))
+    assert abs(trimmed["waveform"].shape[-1] - rate) < 0.05 * rate
+
+
+def test_paths_cannot_escape_comfyui_folders(comfy_env, tmp_path):
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"x")
+    cls = comfy_env["mappings"]["SonicLoadImage"]
+    assert "outside" in cls.VALIDATE_INPUTS("portrait.png", str(outside))
+    assert "outside" in cls.VALIDATE_INPUTS("../../etc/passwd")
+    with pytest.raises(ValueError, match="outside"):
+        _node(comfy_env, "SonicLoadImage").load("portrait.png", path_or_url=str(outside))
+
+
+def test_missing_file_messages_name_the_widget_at_fault(comfy_env):
+    image, audio = comfy_env["mappings"]["SonicLoadImage"], comfy_env["mappings"]["SonicLoadAudio"]
+    upload = image.VALIDATE_INPUTS("gone.png", "")
+    assert upload.startswith("the image widget's file 'gone.png' is not in ComfyUI's input folder")
+    assert "path_or_url" not in upload  # it is empty: not the culprit
+    path = audio.VALIDATE_INPUTS("speech.wav", "missing/take1.wav")
+    assert path.startswith("path_or_url 'missing/take1.wav': ") and "speech.wav" not in path
+    assert image.VALIDATE_INPUTS("", "") == "no image chosen: upload one with the image widget (or set path_or_url)"
+    assert image.VALIDATE_INPUTS("gone.png", "https://example.com/p.png") is True  # fetched when the node runs
+
+
+def test_cancel_is_honoured_within_one_step(comfy_env):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    model, image, audio = _inputs(comfy_env)
+    predata = _node(comfy_env, "SonicPreData").prepare(model, image, audio, min_resolution=128, duration=1.0,
+                                                      face_box="37,37,76,76")[0]
+    comfy.utils.UPDATES.clear()
+    calls = []
+    unet_forward = model.models.unet.forward
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            mm.interrupt_current_processing()  # the user presses Cancel during the second UNet call
+        return unet_forward(*args, **kwargs)
+
+    model.models.unet.forward = forward
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            _node(comfy_env, "SonicSampler").sample(model, predata, seed=1, steps=5)
+    finally:
+        del model.models.unet.forward
+    assert len(calls) == 2  # stopped before a third call
+    assert comfy.utils.UPDATES[0] == (1, 5)  # progress reports calls out of the total
+
+
+def test_frames_file_mode_for_long_videos(comfy_env):
+    model, image, audio = _inputs(comfy_env)
+    predata = _node(comfy_env, "SonicPreData").prepare(model, image, audio, min_resolution=128, duration=1.0,
+                                                      face_box="37,37,76,76")[0]
+    images, audio_out, fps, frames = _node(comfy_env, "SonicSampler").sample(model, predata, seed=1, steps=1,
+                                                                             output="frames file")
+    assert images.shape[0] == 1 and len(frames.store) == 23 and frames.store.path.is_file()
+    assert frames.store.path.parent == comfy_env["base"] / "temp"
+    out = _node(comfy_env, "SonicVideoEncode").encode(fps, filename_prefix="long/clip", frames=frames)
+    path = out["result"][0]
+    import av
+
+    with av.open(path) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 23
+        assert container.streams.audio[0].codec_context.name == "aac"
+
+
+class _ComfyStyleVAE:
+    """Stands in for a comfy.sd.VAE object in the cache test, which is about object identity (the numbers through
+    ComfyUI's real VAE and CLIP vision classes are checked in test_comfyui_svd.py)."""
+
+    def __init__(self, diffusers_vae):
+        self.vae = diffusers_vae
+
+
+class _ComfyStyleClipVision:
+    """Stands in for a comfy.clip_vision.ClipVisionModel object in the cache test."""
+
+    def __init__(self, model):
+        self.model = model
+
+
+def test_model_cache_is_keyed_by_files_not_by_vae_objects(comfy_env):
+    import gc
+    import weakref
+
+    native = _model(comfy_env)
+    loader = _node(comfy_env, "SonicModelLoader")
+    vae = _ComfyStyleVAE(native.models.vae.model)
+    first = loader.load("Sonic/unet.pth", dtype="fp32", vae=vae,
+                        clip_vision=_ComfyStyleClipVision(native.models.image_encoder.model))[0]
+    # the upstream checkpoint loader ran again: new VAE / CLIP_VISION objects for the same files
+    second = loader.load("Sonic/unet.pth", dtype="fp32", vae=_ComfyStyleVAE(native.models.vae.model),
+                         clip_vision=_ComfyStyleClipVision(native.models.image_encoder.model))[0]
+    assert second.models.unet is first.models.unet and second.unet_patcher is first.unet_patcher  # not reloaded
+    assert second.models.vae.vae is not vae
+    gone = weakref.ref(vae)
+    del first, vae
+    gc.collect()
+    assert gone() is None  # the cache holds no VAE that ComfyUI replaced
+    cache = comfy_env["pack"].nodes.model._CACHE
+    key = next(iter(cache))
+    changed = (key[0][0], key[0][1], key[0][2] + 1)  # as if the file had been replaced
+    cache[(changed, *key[1:])] = cache.pop(key)
+    third = loader.load("Sonic/unet.pth", dtype="fp32", vae=second.models.vae.vae,
+                        clip_vision=second.models.image_encoder.clip_vision)[0]
+    assert third.models.unet is not second.models.unet and len(cache) == 1  # a changed file is loaded again
+
+
+def test_sonic_model_folder_merges_with_user_paths(comfy_env, tmp_path):
+    """A `sonic:` path from extra_model_paths.yaml stays first; models/sonic is added after it."""
+    import folder_paths
+
+    from comfy_harness import load_pack  # noqa: F401
+
+    saved = folder_paths.folder_names_and_paths.pop("sonic")
+    try:
+        folder_paths.folder_names_and_paths["sonic"] = ([str(tmp_path)], set())
+        comfy_env["pack"].nodes.comfy.register_model_folder()
+        paths = folder_paths.get_folder_paths("sonic")
+        assert paths[0] == str(tmp_path) and paths[1].endswith("models/sonic")
+    finally:
+        folder_paths.folder_names_and_paths["sonic"] = saved
+
+
+def test_loaders_fetch_http_urls(comfy_env, tiny_dir, monkeypatch):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tiny_dir / "inputs"))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.delenv("SONIC_URL_ALLOW", raising=False)
+        with pytest.raises(ValueError, match="loopback address.*SONIC_URL_ALLOW"):  # a shared server's own network
+            _node(comfy_env, "SonicLoadImage").load("", path_or_url=f"{url}/portrait.png")
+        monkeypatch.setenv("SONIC_URL_ALLOW", "127.0.0.1")  # what an operator sets to allow it
+        image, mask = _node(comfy_env, "SonicLoadImage").load("", path_or_url=f"{url}/portrait.png")
+        assert image.shape == (1, 256, 144, 3)
+        audio = _node(comfy_env, "SonicLoadAudio").load("", path_or_url=f"{url}/speech.wav")[0]
+        assert audio["sample_rate"] == 16000 and audio["waveform"].shape == (1, 1, 73600)
+        with pytest.raises(ValueError, match="could not download"):
+            _node(comfy_env, "SonicLoadImage").load("", path_or_url=f"{url}/missing.png")
+    finally:
+        server.shutdown()
+    assert not list((comfy_env["base"] / "temp" / "sonic-downloads").iterdir())  # read, then deleted
+    assert comfy_env["mappings"]["SonicLoadImage"].IS_CHANGED("", f"{url}/portrait.png") == f"{url}/portrait.png"
+
+
+def test_video_encode_metadata_and_bad_frames(comfy_env):
+    import json
+
+    import av
+
+    node = _node(comfy_env, "SonicVideoEncode")
+    frames = torch.rand(5, 33, 47, 3)  # odd size
+    prompt = {"5": {"class_type": "SonicSampler", "inputs": {"seed": 9, "steps": 3, "predata": ["4", 0]}}}
+    workflow = {"nodes": [{"id": 5, "type": "SonicSampler"}], "links": []}
+    out = node.encode(12.5, filename_prefix="meta/clip", images=frames, watermark="AI-generated",
+                      prompt=prompt, extra_pnginfo={"workflow": workflow})
+    with av.open(out["result"][0]) as container:
+        assert json.loads(container.metadata["workflow"]) == workflow
+        assert json.loads(container.metadata["prompt"]) == prompt
+        assert json.loads(container.metadata["sonic_parameters"]) == {"SonicSampler": {"seed": 9, "steps": 3}}
+        assert container.streams.video[0].average_rate == 12.5
+        assert (container.streams.video[0].codec_context.width, container.streams.video[0].codec_context.height) == (48, 34)
+    broken = frames.clone()
+    broken[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        node.encode(25.0, filename_prefix="meta/broken", images=broken)
+    with pytest.raises(ValueError, match="no frames"):
+        node.encode(25.0, images=torch.zeros(0, 32, 32, 3))
+    with pytest.raises(ValueError, match="empty"):
+        node.encode(25.0, images=frames, audio={"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000})
+    with pytest.raises(ValueError, match="NaN or infinite samples"):  # broken audio from an upstream node
+        node.encode(25.0, filename_prefix="meta/nan", images=frames,
+                    audio={"waveform": torch.full((1, 1, 16000), float("nan")), "sample_rate": 16000})
+    assert sorted(p.name for p in (comfy_env["base"] / "output" / "meta").iterdir()) == ["clip_00001_.mp4"]
+
+
+def test_smooth_motion_node_on_images_and_frames_file(comfy_env):
+    import cv2
+    import numpy as np
+    from skimage import data
+
+    from sonic.post.smoothing import estimate_trajectory, region_weights
+
+    photo = data.astronaut()
+    jitter = np.stack([1.5 * (-1.0) ** np.arange(40), np.zeros(40)], axis=1)
+    clip = np.stack([cv2.warpAffine(photo, np.float32([[1, 0, dx], [0, 1, dy]]), (512, 512),
+                                    borderMode=cv2.BORDER_REFLECT)[64:320, 128:384] for dx, dy in jitter])
+    images = torch.from_numpy(clip).float() / 255
+    node = _node(comfy_env, "SonicSmoothMotion")
+    smoothed, handle = node.smooth(alpha=0.2, region="face", images=images, face_box="40,0,120,160")
+    assert handle is None  # IMAGE in: no frames file (it would carry a guessed fps)
+    weights = region_weights(256, 256, "frame")
+
+    def jitter_px(frames_u8):
+        return float(np.abs(np.diff(estimate_trajectory([frames_u8], weights)[:, 0])).mean())
+
+    before = jitter_px(clip)
+    after = jitter_px((smoothed.numpy() * 255).round().astype(np.uint8))
+    assert before > 2.5 and after < before / 4
+    # the same clip through a frames file (the long-video path) gives the same frames, chunk by chunk
+    pack = comfy_env["pack"]
+    store = pack.sonic.post.frames.FrameStore(256, 256, 40, 25.0, folder=comfy_env["base"] / "temp")
+    store.append(clip)
+    frames = pack.nodes.sampling.SonicFrames(store=store, audio=None, fps=25.0)
+    preview, from_file = node.smooth(alpha=0.2, region="face", frames=frames, face_box="40,0,120,160")
+    assert preview.shape[0] == 1 and len(from_file.store) == 40
+    np.testing.assert_array_equal(from_file.store.uint8(), (smoothed.numpy() * 255).round().astype(np.uint8))
+    with pytest.raises(ValueError, match="needs the face"):
+        node.smooth(region="face", images=images)
+
+
+def test_lip_sync_node_on_images_and_frames_file(comfy_env, espeak, caplog):
+    import numpy as np
+
+    speech = espeak.synthesize(espeak.SENTENCES[0])
+    clip = espeak.talking_clip(speech, 25.0, 0.1, seed=3)  # the picture is 100 ms late
+    images = torch.from_numpy(clip).float() / 255
+    audio = {"waveform": torch.from_numpy(speech.samples)[None, None], "sample_rate": speech.sample_rate}
+    node = _node(comfy_env, "SonicLipSyncCalibrate")
+    box = ",".join(str(v) for v in espeak.FACE_BOX)
+    out = node.calibrate(mode="auto+manual", lip_sync_offset=0.02, fps=25.0, images=images, audio=audio, face_box=box)
+    out_images, handle, corrected, offset, confidence = out["result"]
+    assert out_images is images and handle is None
+    assert offset == pytest.approx(0.1, abs=0.01) and confidence > 0.4
+    shown = out["ui"]["lipsync"][0]  # in the node's UI and the prompt's history (batch manifests)
+    assert (shown["offset_s"], shown["confidence"]) == (round(offset, 4), round(confidence, 4))
+    assert shown["applied_s"] == pytest.approx(offset + 0.02, abs=1e-4) and not shown["warning"]
+    added = corrected["waveform"].shape[-1] - len(speech.samples)
+    assert added == round((offset + 0.02) * speech.sample_rate) and not corrected["waveform"][..., :added].any()
+    assert corrected["sample_rate"] == speech.sample_rate
+
+    # the frames-file path: audio from the handle, face found by dlib on the first frame, same measurement
+    import importlib
+
+    pack = comfy_env["pack"]
+    frame_store = importlib.import_module(f"{pack.__name__}.sonic.post.frames").FrameStore
+    store = frame_store(256, 256, len(clip), 25.0, folder=comfy_env["base"] / "temp")
+    store.append(clip)
+    frames = pack.nodes.sampling.SonicFrames(store=store, audio=audio, fps=25.0)
+    preview, handle, from_file, offset2, _ = node.calibrate(mode="auto", frames=frames)["result"]
+    assert preview.shape[0] == 1 and handle.store is store and handle.audio is from_file
+    assert offset2 == pytest.approx(offset, abs=0.003)
+    assert from_file["waveform"].shape[-1] - len(speech.samples) == round(offset2 * speech.sample_rate)
+
+    # manual: nothing measured, only the given shift (negative cuts the start)
+    _, _, manual, offset3, confidence3 = node.calibrate(mode="manual", lip_sync_offset=-0.05, images=images,
+                                                       audio=audio)["result"]
+    assert (offset3, confidence3) == (0.0, 0.0)
+    cut = round(0.05 * speech.sample_rate)
+    assert torch.equal(manual["waveform"], audio["waveform"][..., cut:])
+
+    # a picture whose mouth never moves: low confidence, the audio is left alone and a warning says why
+    still = torch.from_numpy(espeak.render(np.zeros(4), len(clip), 25.0, seed=4)).float() / 255
+    with caplog.at_level("WARNING", logger="sonic"):
+        low_out = node.calibrate(mode="auto", images=still, audio=audio, face_box=box)
+    _, _, untouched, _, low = low_out["result"]
+    assert low < 0.4 and torch.equal(untouched["waveform"], audio["waveform"])
+    assert low_out["ui"]["lipsync"][0]["warning"] and "NOT corrected" in low_out["ui"]["lipsync"][0]["message"]
+    assert "NOT corrected" in caplog.text
+
+    with pytest.raises(ValueError, match="connect images or frames"):
+        node.calibrate(audio=audio)
+    with pytest.raises(ValueError, match="connect the audio"):
+        node.calibrate(images=images)
+
+
+def test_smoothed_images_keep_their_fps_through_lip_sync(comfy_env, espeak):
+    """12.5 fps video (interpolation off) through Smooth Motion then Lip-Sync Calibrate is measured at 12.5 fps."""
+    speech = espeak.synthesize(espeak.SENTENCES[0])
+    clip = espeak.talking_clip(speech, 12.5, 0.16)  # the picture is 160 ms late
+    images = torch.from_numpy(clip).float() / 255
+    audio = {"waveform": torch.from_numpy(speech.samples)[None, None], "sample_rate": speech.sample_rate}
+    box = ",".join(str(v) for v in espeak.FACE_BOX)
+    smoothed, handle = _node(comfy_env, "SonicSmoothMotion").smooth(alpha=1.0, region="frame", images=images)
+    out = _node(comfy_env, "SonicLipSyncCalibrate").calibrate(mode="auto", fps=12.5, images=smoothed, frames=handle,
+                                                             audio=audio, face_box=box)
+    offset, confidence = out["result"][3:]
+    assert offset == pytest.approx(0.16, abs=0.02) and confidence > 0.4
