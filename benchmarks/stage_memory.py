@@ -1,5 +1,5 @@
 """Working memory of each Sonic stage, measured on the real architectures (random weights) on the CPU, against
-the estimates in `sonic/memory.py` that the nodes pass to ComfyUI.
+the estimates in `sonic/engine/memory.py` that the nodes pass to ComfyUI.
 
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/stage_memory.py [--stages unet,vae,rife] [--json FILE]
 
@@ -89,7 +89,7 @@ def measure_unet(rows: int, sizes: list[str]) -> list[dict]:
         elements = rows * frames * h * w
         out.append({"stage": "unet", "latent": [h, w], "frames": frames, "rows": rows, "elements": elements,
                     "measured_mib": round(measured / 2**20, 1),
-                    "estimate_mib": round(memory.unet_call(rows, frames, h, w, torch.float32) / 2**20, 1),
+                    "estimate_mib": round(memory.unet_call_bytes(rows, frames, h, w, torch.float32) / 2**20, 1),
                     "bytes_per_element": round(measured / elements), "seconds": round(seconds, 2)})
         print(json.dumps(out[-1]), flush=True)
     return out
@@ -116,7 +116,7 @@ def measure_vae(config_dir: Path, sizes: list[str]) -> list[dict]:
         pixels = chunk * height * width
         out.append({"stage": "vae", "size": [height, width], "chunk": chunk,
                     "decode_measured_mib": round(decoded / 2**20, 1),
-                    "decode_estimate_mib": round(memory.vae_decode(chunk, height, width, torch.float32) / 2**20, 1),
+                    "decode_estimate_mib": round(memory.vae_decode_bytes(chunk, height, width, torch.float32) / 2**20, 1),
                     "decode_bytes_per_pixel": round(decoded / pixels),
                     "encode_measured_mib": round(encoded / 2**20, 1),
                     "encode_bytes_per_pixel": round(encoded / (height * width)), "seconds": round(seconds, 2)})
@@ -139,7 +139,7 @@ def measure_rife(sizes: list[str]) -> list[dict]:
             measured, seconds = peak_of(lambda: net(a, b))
         out.append({"stage": "rife", "size": [height, width], "batch": batch,
                     "measured_mib": round(measured / 2**20, 1),
-                    "estimate_mib": round(memory.rife(batch, height, width) / 2**20, 1),
+                    "estimate_mib": round(memory.rife_bytes(batch, height, width) / 2**20, 1),
                     "bytes_per_pixel": round(measured / (batch * height * width)), "seconds": round(seconds, 2)})
         print(json.dumps(out[-1]), flush=True)
     return out

@@ -41,8 +41,9 @@ def resolve(upload: str, path_or_url: str) -> Path:
 
 @contextlib.contextmanager
 def opened(upload: str, path_or_url: str):
-    """The file to read: a URL is downloaded (address rules: sonic/urls.py) into ComfyUI's temp folder and
-    deleted after reading, so a changed remote file is always fetched again."""
+    """The file to read: a URL is downloaded (address rules: sonic/inputs/urls.py) into ComfyUI's temp folder and
+    deleted after reading. ComfyUI runs the loader again only when `_fingerprint` changes, which for a URL is the URL
+    itself: a file replaced behind the same URL is fetched again only once the URL changes (a query string will do)."""
     text = (path_or_url or "").strip()
     if not _is_url(text):
         yield resolve(upload, text)

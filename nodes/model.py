@@ -38,7 +38,7 @@ class ComfyVAE:
 
         ComfyUI's `VAE.decode` splits a batch into as many frames as its own estimate says fit (about 1.1 GB per
         512x512 frame in half precision); for SVD's temporal decoder a split chunk is another video than the
-        official one. So ComfyUI loads the VAE with our measured working memory for the chunk (sonic/memory.py)
+        official one. So ComfyUI loads the VAE with our measured working memory for the chunk (sonic/engine/memory.py)
         and the chunk goes through its decoder network whole."""
         import torch
 
@@ -47,7 +47,7 @@ class ComfyVAE:
         vae = self.vae
         n, _, latent_h, latent_w = latents.shape
         scale = vae.upscale_ratio
-        comfy.load_to_gpu([vae.patcher], memory.vae_decode(n, latent_h * scale, latent_w * scale, vae.vae_dtype))
+        comfy.load_to_gpu([vae.patcher], memory.vae_decode_bytes(n, latent_h * scale, latent_w * scale, vae.vae_dtype))
         with torch.no_grad():
             frames = vae.first_stage_model.decode(latents.to(vae.device, vae.vae_dtype))
         return vae.process_output(frames.float())
@@ -67,23 +67,23 @@ class ComfyImageEncoder:
 
 
 @dataclass
-class SonicModel:
+class ComfySonicModel:
     """The SONIC_MODEL value: the engine's models plus the ComfyUI patchers that move them on and off the GPU."""
 
-    models: Any  # sonic.loader.SonicModels, weights on the offload device until a stage loads them
+    models: Any  # sonic.engine.loader.SonicModels, weights on the offload device until a stage loads them
     audio_patcher: Any
     unet_patcher: Any
     image_patchers: list  # diffusers VAE / CLIP when they come from the folder; ComfyUI manages its own
     rife_patcher: Any
 
-    def with_svd(self, vae, clip_vision) -> "SonicModel":
+    def with_svd(self, vae, clip_vision) -> "ComfySonicModel":
         """The same Sonic networks with ComfyUI's VAE and CLIP_VISION (nothing heavy is copied)."""
         models = dataclasses.replace(self.models, vae=ComfyVAE(vae), image_encoder=ComfyImageEncoder(clip_vision))
         return dataclasses.replace(self, models=models)
 
     def load(self, *stages: str, memory_required: int = 0) -> None:
         """Bring the modules of the named stages ('audio', 'image', 'unet', 'rife') onto the compute device, with
-        `memory_required` bytes of working memory beyond the weights (sonic/memory.py): ComfyUI evicts other
+        `memory_required` bytes of working memory beyond the weights (sonic/engine/memory.py): ComfyUI evicts other
         models, the UNet included when decoding on a short card, until that much is free."""
         wanted = {"audio": [self.audio_patcher], "image": self.image_patchers, "unet": [self.unet_patcher],
                   "rife": [self.rife_patcher]}
@@ -241,7 +241,7 @@ class SonicModelLoader:
         return (sonic.with_svd(vae, clip_vision) if external else sonic,)
 
     @staticmethod
-    def _build(root, dtype, interpolation, face_detector, external: bool) -> SonicModel:
+    def _build(root, dtype, interpolation, face_detector, external: bool) -> ComfySonicModel:
         import torch
 
         from ..sonic.engine.loader import load_models
@@ -261,5 +261,5 @@ class SonicModelLoader:
         audio = torch.nn.ModuleDict({"whisper": models.whisper_encoder, "tokens": models.audio_to_tokens,
                                      "bucket": models.audio_to_bucket})
         image = [] if external else [patcher(models.vae.model), patcher(models.image_encoder.model)]
-        return SonicModel(models=models, audio_patcher=patcher(audio), unet_patcher=patcher(models.unet),
+        return ComfySonicModel(models=models, audio_patcher=patcher(audio), unet_patcher=patcher(models.unet),
                           image_patchers=image, rife_patcher=patcher(models.rife))

@@ -1,10 +1,9 @@
-"""SonicSmoothMotion: remove head/camera jitter without delaying the motion (see sonic/smoothing.py)."""
+"""SonicSmoothMotion: remove head/camera jitter without delaying the motion (see sonic/post/smoothing.py)."""
 
 from __future__ import annotations
 
 from . import comfy
-from .sampling import SonicFrames, parse_face_box
-from .video import audio_to_numpy, video_source
+from .types import SonicFrames, audio_to_numpy, face_box_in_video, video_source
 
 
 class SonicSmoothMotion:
@@ -59,14 +58,6 @@ class SonicSmoothMotion:
             return (result.to(intermediate, torch.float32), None)
         handle = SonicFrames(store=out, audio=frames.audio, fps=fps)
         return (out.images(0, 1).to(intermediate, torch.float32), handle)
-
-
-def face_box_in_video(face_box: str, predata, node: str):
-    """(x, y, w, h) in video pixels: the face_box text, else predata's face box, else None."""
-    box = parse_face_box(face_box, node)
-    if box is None and predata is not None:
-        box = predata.cond.video_face_box
-    return box
 
 
 class SonicLipSyncCalibrate:

@@ -3,72 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
 
 from . import comfy
+from .types import SonicFrames, SonicPreData, image_to_pil, parse_face_box, trim_audio
 
 log = logging.getLogger(__name__)
 
-_FACE_CACHE = None  # sonic.face.FaceCache, made on first use (importing the engine here would import torch)
-
-
-@dataclass
-class SonicPreData:
-    """The SONIC_PREDATA value: the engine's conditioning plus the AUDIO it was made from."""
-
-    cond: Any  # sonic.pipeline.SonicConditioning
-    audio: dict  # ComfyUI AUDIO, trimmed to the requested duration
-
-    def __repr__(self) -> str:
-        w, h = self.cond.size
-        return f"SonicPreData({self.cond.num_frames} frames at 12.5 fps, {w}x{h})"
-
-
-@dataclass
-class SonicFrames:
-    """The SONIC_FRAMES value: the video as uint8 frames in a file on disk, plus its audio and fps."""
-
-    store: Any  # sonic.frames.FrameStore
-    audio: dict
-    fps: float
-
-    def __repr__(self) -> str:
-        return repr(self.store)
-
-
-def parse_face_box(text: str, node: str = "Sonic PreData"):
-    """The face_box widget: '' -> None (detect), 'x,y,w,h' -> a tuple; anything else names the widget."""
-    from ..sonic.inputs.face import parse_face_box as parse
-
-    try:
-        return parse(text)
-    except ValueError:
-        raise ValueError(f"{node}'s face_box {text.strip()!r} must be four numbers x,y,w,h in pixels, or empty "
-                         "to detect the face") from None
-
-
-def image_to_pil(image):
-    """First image of a ComfyUI IMAGE batch -> RGB PIL image."""
-    import numpy as np
-    from PIL import Image
-
-    if image.ndim != 4 or image.shape[0] < 1 or image.shape[-1] < 3:
-        raise ValueError(f"image must be an IMAGE batch [B, H, W, 3], got shape {tuple(image.shape)}")
-    pixels = (image[0, :, :, :3].float().clamp(0, 1) * 255).round().byte().cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(pixels))
-
-
-def trim_audio(audio: dict, seconds: float) -> dict:
-    """AUDIO cut (or zero-padded) to exactly `seconds`, batch item 0."""
-    import torch
-
-    waveform, rate = audio["waveform"], int(audio["sample_rate"])
-    n = int(round(seconds * rate))
-    out = waveform[:1, :, :n]
-    if out.shape[-1] < n:
-        out = torch.nn.functional.pad(out, (0, n - out.shape[-1]))
-    return {"waveform": out.contiguous(), "sample_rate": rate}
+_FACE_CACHE = None  # sonic.inputs.face.FaceCache, made on first use (importing the engine here would import torch)
 
 
 class SonicPreDataNode:
@@ -110,6 +51,7 @@ class SonicPreDataNode:
         from ..sonic.inputs.face import FaceCache, NoFaceError
         from ..sonic.params import PrepareOptions
         from ..sonic.engine.pipeline import load_speech, locate_face, prepare
+        from ..sonic.engine.plan import prepare_bytes
 
         options = PrepareOptions(min_resolution=min_resolution, crop=crop, expand_ratio=expand_ratio,
                                  face_box=parse_face_box(face_box), duration=duration or None)
@@ -130,11 +72,7 @@ class SonicPreDataNode:
 
         located = _FACE_CACHE.get(FaceCache.key(pil, options.face_box, crop, expand_ratio, detector), analyse)
         comfy.check_interrupt()
-        from ..sonic.engine import memory
-        from ..sonic.inputs.image import output_size
-
-        width, height = output_size(*(pil.size if not crop else (1, 1)), min_resolution)  # a crop is square
-        sonic_model.load("audio", "image", memory_required=memory.prepare(height, width, models.dtype))
+        sonic_model.load("audio", "image", memory_required=prepare_bytes(pil.size, options, models.dtype))
         cond = prepare(models, pil, (speech, SAMPLE_RATE), options, located=located)
         seconds = len(cond.audio_samples) / SAMPLE_RATE
         return (SonicPreData(cond=cond, audio=trim_audio(audio, seconds)),)
@@ -190,6 +128,7 @@ class SonicSamplerNode:
     def sample(self, sonic_model, predata, seed, steps=25, dynamic_scale=1.0, motion_scale=1.0, audio_guidance=7.5,
                appearance_guidance=2.0, ip_audio_scale=1.0, output="auto", compile=False):
         from ..sonic.engine import pipeline
+        from ..sonic.engine.plan import DeviceMemory, plan_run
         from ..sonic.post.frames import FrameStore, as_image_batch
         from ..sonic.params import SampleOptions
 
@@ -198,37 +137,29 @@ class SonicSamplerNode:
                                 motion_scale=motion_scale, audio_guidance=audio_guidance,
                                 min_appearance_guidance=appearance_guidance, max_appearance_guidance=appearance_guidance,
                                 ip_audio_scale=ip_audio_scale, compile=compile)
-        from ..sonic.engine import memory, offload
-
-        bar = comfy.progress_bar(1)
-        _, _, latent_h, latent_w = cond.image_latents.shape
-        shape = (options.windows_per_call, options.frames_per_window, latent_h, latent_w, models.dtype)
-        unet_bytes = offload.unit_bytes(models.unet)
-        options.stream_unet = not compile and memory.choose_unet_streaming(
-            comfy.usable_memory(models.device), unet_bytes, *shape, forced=comfy.unet_streaming_forced())
-        if options.stream_unet:  # the UNet's weights stay in RAM; one block at a time visits the GPU
-            largest = max(offload.unit_bytes(unit) for unit in offload.unet_units(models.unet))
-            log.info("Sonic Sampler: UNet streaming (%.1f GB of weights in RAM, blocks of up to %.2f GB on the "
-                     "device) and low-VRAM mode", unet_bytes / 1e9, largest / 1e9)
-            options.sequential_guidance = True
-            comfy.make_room(memory.streamed_unet(largest, *shape), models.device)
+        device = models.device
+        plan = plan_run(models, cond, options, DeviceMemory(usable_bytes=comfy.usable_memory(device),
+                                                            force_low_vram=comfy.low_vram_forced(),
+                                                            force_stream_unet=comfy.unet_streaming_forced()))
+        if plan.options.stream_unet:  # the UNet's weights stay in RAM; one block at a time visits the GPU
+            comfy.make_room(plan.unet_call_bytes(), device)
         else:
-            sonic_model.load("unet", memory_required=memory.sampling(*shape))
-            options.sequential_guidance = memory.choose_sequential_guidance(
-                comfy.free_memory(models.device), *shape, forced=comfy.low_vram_forced())
-            if options.sequential_guidance:
-                log.info("Sonic Sampler: low-VRAM mode (guidance rows one after another)")
-                sonic_model.load("unet", memory_required=memory.sampling(*shape, sequential_guidance=True))
+            sonic_model.load("unet", memory_required=plan.unet_call_bytes())
+            measured = plan.with_free_memory(comfy.free_memory(device))
+            if measured is not plan:  # low-VRAM rows after all: ComfyUI is asked for what they need
+                plan = measured
+                sonic_model.load("unet", memory_required=plan.unet_call_bytes())
+        if plan.note:
+            log.info("Sonic Sampler: %s", plan.note)
+        options = plan.options
+        bar = comfy.progress_bar(1)
         latents = pipeline.sample(models, cond, options, progress=lambda done, total: bar.update_absolute(done, total),
                                   cancel=comfy.check_interrupt)
 
-        fps = pipeline.output_fps(options, models, cond.num_frames)
-        count = pipeline.output_frame_count(options, models, cond.num_frames)
-        width, height = cond.size
+        fps, count = plan.fps, plan.output_frames
+        width, height = plan.width, plan.height
         store = FrameStore(height, width, count, fps, folder=comfy.folder_paths().get_temp_directory())
-        sonic_model.load("image", "rife", memory_required=memory.decode(
-            options.decode_chunk_size, options.interpolation_batch, height, width, models.dtype,
-            fps > pipeline.audio_lib.GENERATED_FPS))
+        sonic_model.load("image", "rife", memory_required=plan.decode_bytes)
         decode_bar = comfy.progress_bar(count)
         for chunk in pipeline.decode(models, latents, options, cancel=comfy.check_interrupt):
             store.append(pipeline.to_uint8_frames(chunk))

@@ -6,38 +6,7 @@ from __future__ import annotations
 import os
 
 from . import comfy
-
-CHUNK = 32  # frames per write
-
-
-def image_chunks(images):
-    """An IMAGE batch [N, H, W, C] -> uint8 [n, H, W, 3] numpy chunks (NaN/inf frames are an error)."""
-    import torch
-
-    for start in range(0, images.shape[0], CHUNK):
-        chunk = images[start : start + CHUNK, :, :, :3].float()
-        if not torch.isfinite(chunk).all():
-            raise ValueError(f"frames {start}..{start + chunk.shape[0] - 1} contain NaN or infinite values; "
-                             "the upstream node produced broken images")
-        yield (chunk.clamp(0, 1) * 255).round().byte().cpu().numpy()
-
-
-def video_source(images, frames, node: str):
-    """-> (count, height, width, read): `read()` gives a fresh iterator of uint8 [n, H, W, 3] chunks of the frames
-    file (preferred) or of the IMAGE batch."""
-    if frames is not None:
-        store = frames.store
-        count, height, width = len(store), store.height, store.width
-        read = lambda: store.chunks(CHUNK)  # noqa: E731
-    elif images is not None:
-        count, height, width = images.shape[0], images.shape[1], images.shape[2]
-        read = lambda: image_chunks(images)  # noqa: E731
-    else:
-        raise ValueError(f"connect images or frames (from Sonic Sampler) to {node}")
-    if count == 0:
-        raise ValueError(f"there are no frames for {node} (empty batch)")
-    return count, height, width, read
-
+from .types import audio_to_numpy, video_source
 
 def generation_metadata(prompt, extra_pnginfo) -> dict[str, str]:
     """ComfyUI's prompt and workflow (dropping the MP4 on ComfyUI restores the graph) and the Sonic settings."""
@@ -53,16 +22,6 @@ def generation_metadata(prompt, extra_pnginfo) -> dict[str, str]:
     for key, value in (extra_pnginfo or {}).items():
         meta[key] = json.dumps(value)
     return meta
-
-
-def audio_to_numpy(audio):
-    """ComfyUI AUDIO -> (float32 [channels, samples] of its first item, sample rate); None stays None."""
-    if audio is None:
-        return None
-    waveform = audio["waveform"][0].float().cpu().numpy()  # [channels, samples]
-    if waveform.shape[-1] == 0:
-        raise ValueError("the audio is empty (0 samples); connect the sampler's audio output or remove the link")
-    return waveform, int(audio["sample_rate"])
 
 
 class SonicVideoEncode:

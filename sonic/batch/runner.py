@@ -25,6 +25,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+from ..exits import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK
 from ..jobs.comfy_api import ComfyServer, Outcome, PromptRejected, ServerUnreachable
 from ..jobs.jobsfile import Job, JobsError, Workflow, load_jobs
 from ..jobs.manifest import Manifest, make_record, timings
@@ -33,7 +34,6 @@ from ..jobs.storage import INPUT_URL_EXPIRY_S, S3, LocalOutputs, S3Outputs
 DEPTH = 2  # prompts of ours per server: the running one and one waiting
 PROBE_S = 5.0  # how often a server that stopped answering is asked again
 UPLOAD_SUBFOLDER = "sonic-batch"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 
 
 @dataclass
@@ -444,24 +444,17 @@ class Batch:
 
 
 def run(settings: Settings) -> int:
-    """The whole batch; -> exit status (0 all done, 1 some failed, 2 bad invocation or jobs, 130 cancelled)."""
+    """The whole batch; -> exit status (`sonic.exits`: all done, some failed, cancelled). A bad jobs file or
+    setup raises before anything is submitted."""
     events = Events(settings.json)
     batch = Batch(settings, events)
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         try:
-            todo = batch.prepare()
+            todo = batch.prepare()  # a bad jobs file or setup raises (JobsError, ValueError...): the CLI reports it
         except KeyboardInterrupt:
-            print("cancelled before anything was submitted", file=sys.stderr)
-            return EXIT_CANCELLED
-        except JobsError as exc:
-            for problem in exc.problems:
-                print(f"error: {problem}", file=sys.stderr)
-            print(f"error: {len(exc.problems)} problem(s); nothing was submitted", file=sys.stderr)
-            return EXIT_USAGE
-        except (ValueError, FileNotFoundError, RuntimeError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            events.write("cancelled before anything was submitted")
+            raise
         events.emit("plan", jobs=len(todo) + batch.skipped_done + batch.skipped_failed, to_run=len(todo),
                     done_before=batch.skipped_done, failed_before=batch.skipped_failed,
                     servers=[lane.url for lane in batch.lanes if lane.up], manifest=batch.manifest.location)

@@ -7,9 +7,30 @@ weights stand in (the ComfyUI nodes plug in ComfyUI's own `VAE` and `CLIP_VISION
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from ..inputs.image import normalize_clip
+
+
+class VAE(Protocol):
+    """What the pipeline asks of SVD's VAE (this module's `DiffusersVAE`, the nodes' `ComfyVAE`)."""
+
+    scaling_factor: float  # latents are multiplied by it before sampling (SVD: 0.18215)
+
+    def encode_mean(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> unscaled latent mean [B, 4, H/8, W/8]."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents [n, 4, h, w], one temporal chunk -> [n, 3, H, W] float32 in [0, 1]."""
+
+
+class ImageEncoder(Protocol):
+    """What the pipeline asks of the CLIP image encoder (`TransformersImageEncoder`, the nodes' `ComfyImageEncoder`)."""
+
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, 3, 224, 224] in [0, 1] (already squashed to 224) -> the projected embedding [B, D]."""
 
 
 class DiffusersVAE:

@@ -10,12 +10,22 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from .checkpoints import SVD_URL, WHISPER_URL, ModelLayout, load_checked, read_state_dict
-from .encoders import DiffusersVAE, TransformersImageEncoder
+from .encoders import VAE, DiffusersVAE, ImageEncoder, TransformersImageEncoder
+
+if TYPE_CHECKING:  # the types of SonicModels' fields, without importing diffusers / transformers to load this module
+    from diffusers import UNetSpatioTemporalConditionModel
+    from transformers import WhisperFeatureExtractor
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from ..inputs.face import FaceDetector
+    from .models.attention import AudioConditioning
+    from .models.audio_proj import AudioToBucket, AudioToTokens
+    from .models.rife import IFNet
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +65,17 @@ def check_dtype_supported(dtype: torch.dtype, device: torch.device) -> torch.dty
 class SonicModels:
     """Every network of one Sonic setup, on one device. Audio MLPs and Whisper stay fp32 (as official)."""
 
-    unet: Any
-    audio_conditioning: Any
-    vae: Any  # encoders.DiffusersVAE or anything with its interface
-    image_encoder: Any  # encoders.TransformersImageEncoder or anything with its interface
-    whisper_encoder: Any
-    feature_extractor: Any
-    audio_to_tokens: Any
-    audio_to_bucket: Any
+    unet: UNetSpatioTemporalConditionModel  # diffusers' stock SVD UNet with Sonic's audio attention processors
+    audio_conditioning: AudioConditioning  # binds a call's audio tokens and face mask to those processors
+    vae: VAE
+    image_encoder: ImageEncoder
+    whisper_encoder: WhisperEncoder
+    feature_extractor: WhisperFeatureExtractor
+    audio_to_tokens: AudioToTokens  # per-frame Whisper states -> audio tokens
+    audio_to_bucket: AudioToBucket  # Whisper states + CLIP embedding -> the two motion buckets
     scheduler_config: dict
-    rife: Any = None
-    face_detector: Any = None
+    rife: IFNet | None = None  # None: no interpolation (12.5 fps)
+    face_detector: FaceDetector | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
 

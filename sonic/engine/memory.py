@@ -1,10 +1,10 @@
 """How much working memory (beyond the weights) each Sonic stage needs on the compute device, in bytes.
 
 ComfyUI frees memory for a stage only as far as it is told (`load_models_gpu(..., memory_required=...)`); these
-estimates are what the nodes tell it, and what chooses the low-VRAM mode. Each is linear in the work of one call,
-with coefficients measured on the real architectures (random weights; activation memory does not depend on
-the values) by `benchmarks/stage_memory.py` at several sizes, fp32 on the CPU,
-rounded up; half precision halves them. PyTorch's attention kernels on CPU and GPU are both flash-style (no N x N
+estimates are what the nodes tell it, and what the run plan (`plan.py`) chooses the memory mode from. Each is
+linear in the work of one call, with coefficients measured on the real architectures (random weights; activation
+memory does not depend on the values) by `benchmarks/stage_memory.py` at several sizes, fp32 on the CPU, rounded
+up; half precision halves them. PyTorch's attention kernels on CPU and GPU are both flash-style (no N x N
 matrix), so the pattern measured on the CPU is the GPU's. `benchmarks/README.md` has the measurements; re-measure
 on a GPU with `bench_stages.py --device cuda`.
 """
@@ -35,62 +35,42 @@ def dtype_bytes(dtype) -> int:
     return 2 if name in ("float16", "bfloat16", "fp16", "bf16", "half") else 4
 
 
-def unet_call(rows: int, frames: int, latent_h: int, latent_w: int, dtype) -> int:
+def unet_call_bytes(rows: int, frames: int, latent_h: int, latent_w: int, dtype) -> int:
     """One UNet call: `rows` batch rows (3 guidance rows x windows per call, or 1 row in low-VRAM mode) of
     `frames` latent frames of latent_h x latent_w."""
     elements = rows * frames * latent_h * latent_w
     return math.ceil((UNET_FIXED_BYTES + elements * UNET_BYTES_PER_ELEMENT * dtype_bytes(dtype) / 4) * SLACK)
 
 
-def vae_decode(chunk: int, height: int, width: int, dtype) -> int:
+def vae_decode_bytes(chunk: int, height: int, width: int, dtype) -> int:
     return math.ceil(chunk * height * width * VAE_DECODE_BYTES_PER_PIXEL * dtype_bytes(dtype) / 4 * SLACK)
 
 
-def rife(batch: int, height: int, width: int) -> int:
+def rife_bytes(batch: int, height: int, width: int) -> int:
     return math.ceil(batch * height * width * RIFE_BYTES_PER_PIXEL * SLACK)
 
 
-def prepare(height: int, width: int, dtype) -> int:
+def prepare_bytes(height: int, width: int, dtype) -> int:
     """Sonic PreData: the reference image's VAE encode, Whisper, the audio MLPs, CLIP."""
     encode = height * width * VAE_ENCODE_BYTES_PER_PIXEL * dtype_bytes(dtype) / 4
     return math.ceil(max(encode, AUDIO_AND_CLIP_BYTES) * SLACK)
 
 
-def decode(chunk: int, rife_batch: int, height: int, width: int, dtype, interpolation: bool) -> int:
+def decode_bytes(chunk: int, rife_batch: int, height: int, width: int, dtype, interpolation: bool) -> int:
     """Decoding stage: the VAE chunk and the RIFE batch run one after the other on frames of H x W."""
-    need = vae_decode(chunk, height, width, dtype)
-    return max(need, rife(rife_batch, height, width)) if interpolation else need
+    need = vae_decode_bytes(chunk, height, width, dtype)
+    return max(need, rife_bytes(rife_batch, height, width)) if interpolation else need
 
 
-def sampling(windows_per_call: int, frames: int, latent_h: int, latent_w: int, dtype,
+def sampling_bytes(windows_per_call: int, frames: int, latent_h: int, latent_w: int, dtype,
              sequential_guidance: bool = False) -> int:
     rows = windows_per_call * (1 if sequential_guidance else 3)
-    return unet_call(rows, frames, latent_h, latent_w, dtype)
+    return unet_call_bytes(rows, frames, latent_h, latent_w, dtype)
 
 
-def streamed_unet(largest_unit_bytes: int, windows_per_call: int, frames: int, latent_h: int, latent_w: int,
+def streamed_unet_bytes(largest_unit_bytes: int, windows_per_call: int, frames: int, latent_h: int, latent_w: int,
                   dtype) -> int:
-    """Block streaming (sonic/offload.py): the low-VRAM UNet call plus the largest block's weights, twice (the
+    """Block streaming (sonic/engine/offload.py): the low-VRAM UNet call plus the largest block's weights, twice (the
     block in use and the allocator's copy of the next while the last is freed)."""
-    call = sampling(windows_per_call, frames, latent_h, latent_w, dtype, sequential_guidance=True)
+    call = sampling_bytes(windows_per_call, frames, latent_h, latent_w, dtype, sequential_guidance=True)
     return call + 2 * largest_unit_bytes
-
-
-def choose_unet_streaming(free_bytes: int | None, unet_bytes: int, windows_per_call: int, frames: int,
-                          latent_h: int, latent_w: int, dtype, forced: bool = False) -> bool:
-    """Stream the UNet when forced or when its weights and a low-VRAM call would not fit in what is free."""
-    if forced:
-        return True
-    if free_bytes is None:
-        return False
-    return unet_bytes + sampling(windows_per_call, frames, latent_h, latent_w, dtype, sequential_guidance=True) > free_bytes
-
-
-def choose_sequential_guidance(free_bytes: int | None, windows_per_call: int, frames: int, latent_h: int,
-                               latent_w: int, dtype, forced: bool = False) -> bool:
-    """Low-VRAM mode when forced or when the batched call would not fit in what is free (None = unknown: batched)."""
-    if forced:
-        return True
-    if free_bytes is None:
-        return False
-    return sampling(windows_per_call, frames, latent_h, latent_w, dtype) > free_bytes

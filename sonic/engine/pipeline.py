@@ -359,13 +359,3 @@ def _tee(chunks: Iterator[torch.Tensor], sink: list) -> Iterator[torch.Tensor]:
     for chunk in chunks:
         sink.append(chunk.half().cpu())
         yield chunk
-
-
-def output_frame_count(options: SampleOptions, models: SonicModels, num_frames: int) -> int:
-    """Frames of the finished video: RIFE puts one between each pair of the F generated frames (2F - 1)."""
-    return 2 * num_frames - 1 if output_fps(options, models, num_frames) > audio_lib.GENERATED_FPS else num_frames
-
-
-def output_fps(options: SampleOptions, models: SonicModels, num_frames: int) -> float:
-    interpolated = options.interpolation and models.rife is not None and num_frames > 1
-    return 2 * audio_lib.GENERATED_FPS if interpolated else audio_lib.GENERATED_FPS

@@ -40,15 +40,25 @@ def schedule_from_config(config: dict, num_steps: int, strength: float = 1.0) ->
     return sigmas, timesteps
 
 
+def v_scalings(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out, c_in) of a v-prediction denoiser with sigma_data = 1 (Karras et al. 2022, table 1; the
+    scalings k-diffusion's `VDenoiser.get_scalings` names): denoised = c_skip * x + c_out * v(c_in * x)."""
+    c_skip = 1 / (sigma**2 + 1)
+    c_out = -sigma / (sigma**2 + 1) ** 0.5
+    c_in = 1 / (sigma**2 + 1) ** 0.5
+    return c_skip, c_out, c_in
+
+
 def scale_input(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """c_in = 1 / sqrt(sigma^2 + 1), applied in the latent dtype."""
+    """c_in * x, in the latent dtype (what the UNet is given)."""
     return x / ((sigma**2 + 1) ** 0.5)
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """One Euler step sigma -> sigma_next for a v-prediction model, in float32, returned in v's dtype."""
     x32 = x.float()
-    denoised = v * (-sigma / (sigma**2 + 1) ** 0.5) + x32 / (sigma**2 + 1)
+    c_skip, c_out, _ = v_scalings(sigma)
+    denoised = v * c_out + x32 * c_skip
     derivative = (x32 - denoised) / sigma
     return (x32 + derivative * (sigma_next - sigma)).to(v.dtype)
 

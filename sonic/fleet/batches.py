@@ -15,6 +15,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+from ..exits import EXIT_FAILED, EXIT_OK
 from ..jobs.jobsfile import Workflow, load_jobs
 from ..jobs.storage import S3, split_s3
 from .queue import QUEUE, TASK, broker_url, make_app
@@ -145,7 +146,7 @@ def status(batch_uri: str, broker: str | None, wait: bool = False, as_json: bool
                 print(_describe(report))
             last = report
             if not wait:
-                return 0
+                return EXIT_OK
             if finished:
                 break
             time.sleep(poll_s)
@@ -167,7 +168,7 @@ def status(batch_uri: str, broker: str | None, wait: bool = False, as_json: bool
         print(f"{counts['done']} done, {counts['failed']} failed; manifest: {where}", file=sys.stderr)
     else:
         print(json.dumps({"event": "finished", **counts, "manifest": where}), flush=True)
-    return 0 if counts["failed"] == 0 else 1
+    return EXIT_OK if counts["failed"] == 0 else EXIT_FAILED
 
 
 def _describe(report: dict) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,6 +34,15 @@ class NoFaceError(ValueError):
 
     def with_hint(self, hint: str) -> "NoFaceError":
         return NoFaceError(self.subject, self.width, self.height, self.detector, hint)
+
+
+class FaceDetector(Protocol):
+    """What face detection asks of a detector (`YoloFaceDetector`, `DlibFaceDetector`)."""
+
+    name: str  # part of the face-analysis cache key
+
+    def detect(self, rgb: np.ndarray) -> list[tuple[float, float, float, float, float]]:
+        """uint8 [H, W, 3] -> faces as (x, y, w, h, score) in pixels."""
 
 
 class YoloFaceDetector:
@@ -123,7 +133,7 @@ class DlibFaceDetector:
         return faces
 
 
-def make_face_detector(kind: str, yolo_path: Path, device: torch.device):
+def make_face_detector(kind: str, yolo_path: Path, device: torch.device) -> FaceDetector | None:
     """'auto' = the official YOLO file when present, else dlib; 'none' = caller always gives a face box."""
     if kind == "none":
         return None
@@ -136,7 +146,7 @@ def make_face_detector(kind: str, yolo_path: Path, device: torch.device):
     raise ValueError(f"face detector {kind!r} is not one of auto, yolo, dlib, none")
 
 
-def largest_face(detector, rgb: np.ndarray, subject: str = "the portrait") -> FaceBox:
+def largest_face(detector: FaceDetector, rgb: np.ndarray, subject: str = "the portrait") -> FaceBox:
     """The largest face's box; NoFaceError names what was searched (`subject`)."""
     faces = detector.detect(rgb)
     if not faces:

@@ -1,4 +1,4 @@
-"""The working-memory estimates that the nodes pass to ComfyUI (sonic/memory.py), against the peaks measured on
+"""The working-memory estimates that the nodes pass to ComfyUI (sonic/engine/memory.py), against the peaks measured on
 the real architectures by benchmarks/stage_memory.py (recorded in benchmarks/results/stage_memory.json)."""
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ def test_estimates_cover_every_measured_peak_without_gross_waste():
     models for nothing, or choose the low-VRAM mode needlessly)."""
     checks, lower_only = [], []
     for r in recorded("unet"):
-        checks.append((memory.unet_call(r["rows"], r["frames"], *r["latent"], torch.float32), r["measured_mib"]))
+        checks.append((memory.unet_call_bytes(r["rows"], r["frames"], *r["latent"], torch.float32), r["measured_mib"]))
     for r in recorded("vae"):
-        checks.append((memory.vae_decode(r["chunk"], *r["size"], torch.float32), r["decode_measured_mib"]))
+        checks.append((memory.vae_decode_bytes(r["chunk"], *r["size"], torch.float32), r["decode_measured_mib"]))
         # PreData's request also covers Whisper and CLIP (a fixed 512 MiB): only a lower bound for the encode
-        lower_only.append((memory.prepare(*r["size"], torch.float32), r["encode_measured_mib"]))
+        lower_only.append((memory.prepare_bytes(*r["size"], torch.float32), r["encode_measured_mib"]))
     for r in recorded("rife"):
         if r["measured_mib"] > 1:
-            checks.append((memory.rife(r["batch"], *r["size"]), r["measured_mib"]))
+            checks.append((memory.rife_bytes(r["batch"], *r["size"]), r["measured_mib"]))
     for estimate, measured in checks + lower_only:
         assert measured * MiB <= estimate, (estimate / MiB, measured)
     ratios = [estimate / (measured * MiB) for estimate, measured in checks if measured > 100]
@@ -42,19 +42,12 @@ def test_estimates_cover_every_measured_peak_without_gross_waste():
 
 def test_half_precision_halves_the_activations_and_rows_scale_linearly():
     fixed = memory.UNET_FIXED_BYTES * memory.SLACK
-    full = memory.unet_call(3, 25, 64, 64, torch.float32) - fixed
-    half = memory.unet_call(3, 25, 64, 64, torch.float16) - fixed
+    full = memory.unet_call_bytes(3, 25, 64, 64, torch.float32) - fixed
+    half = memory.unet_call_bytes(3, 25, 64, 64, torch.float16) - fixed
     assert half == pytest.approx(full / 2, rel=1e-6)
-    assert memory.unet_call(3, 25, 64, 64, "bf16") == memory.unet_call(3, 25, 64, 64, torch.float16)
-    one_row = memory.sampling(1, 25, 64, 64, torch.float16, sequential_guidance=True) - fixed
+    assert memory.unet_call_bytes(3, 25, 64, 64, "bf16") == memory.unet_call_bytes(3, 25, 64, 64, torch.float16)
+    one_row = memory.sampling_bytes(1, 25, 64, 64, torch.float16, sequential_guidance=True) - fixed
     assert one_row * 3 == pytest.approx(half, rel=1e-6)
-
-
-def test_low_vram_choice():
-    need = memory.sampling(1, 25, 64, 64, torch.float16)
-    assert memory.choose_sequential_guidance(need - 1, 1, 25, 64, 64, torch.float16) is True
-    assert memory.choose_sequential_guidance(need, 1, 25, 64, 64, torch.float16) is False
-    assert memory.choose_sequential_guidance(need * 10, 1, 25, 64, 64, torch.float16, forced=True) is True
 
 
 def _sampling_growth(models, cond, frames: int) -> tuple[int, int]:

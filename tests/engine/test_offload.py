@@ -1,4 +1,4 @@
-"""UNet block streaming (sonic/offload.py): every weight is in exactly one streamed unit, the device holds one
+"""UNet block streaming (sonic/engine/offload.py): every weight is in exactly one streamed unit, the device holds one
 unit at a time, nothing changes in host memory, and the video is the same."""
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from sonic.engine.sampler import euler_step, karras_sigmas, sample_windows, schedule_from_config, window_indices
+from sonic.engine.sampler import (euler_step, karras_sigmas, sample_windows, scale_input, schedule_from_config, v_scalings,
+                                  window_indices)
 
 SVD_SIGMAS_25 = [700.0, 545.729248, 421.569122, 322.453674, 244.023071, 182.547134, 134.854446, 98.267136,
                  70.54084, 49.809792, 34.536739, 23.467512, 15.589968, 10.09713, 6.354266, 3.869697, 2.269116,
@@ -46,11 +47,34 @@ def test_windows_shift_back_and_wrap():
     assert window_indices(10, 25, 0, shift=0)[0].tolist() == [m % 10 for m in range(25)]  # F < L repeats frames
 
 
-def test_euler_to_zero_returns_the_denoised_estimate():
-    x, v = torch.randn(2, 3), torch.randn(2, 3)
-    sigma = torch.tensor(3.0)
-    denoised = v * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
-    torch.testing.assert_close(euler_step(x, v, sigma, torch.tensor(0.0)), denoised)
+def perfect_v(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target of x = x0 + sigma * noise with sigma_data = 1 (Salimans & Ho 2022, written in
+    EDM's sigma): what a perfect denoiser returns."""
+    return (noise - sigma * x0) / (sigma**2 + 1) ** 0.5
+
+
+@pytest.mark.parametrize("sigma", [700.0, 3.0, 0.5, 0.002])
+def test_euler_with_a_perfect_denoiser_lands_on_the_noise_path(sigma):
+    # x(sigma) = x0 + sigma * noise is the probability-flow ODE's path for a perfect denoiser: a straight line,
+    # so one Euler step lands exactly on it, and a step to 0 returns x0 itself.
+    torch.manual_seed(0)
+    x0, noise, sigma = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.tensor(sigma)
+    x, v = x0 + sigma * noise, perfect_v(x0, noise, sigma)
+    torch.testing.assert_close(euler_step(x, v, sigma, torch.tensor(0.0)), x0, rtol=1e-4, atol=1e-4 * sigma.item())
+    sigma_next = sigma * 0.6
+    torch.testing.assert_close(euler_step(x, v, sigma, sigma_next), x0 + sigma_next * noise, rtol=1e-4,
+                               atol=1e-4 * sigma.item())
+
+
+def test_scalings_are_karras_v_prediction_with_unit_sigma_data():
+    sigma = torch.tensor([0.002, 0.5, 3.0, 700.0], dtype=torch.float64)
+    c_skip, c_out, c_in = v_scalings(sigma)
+    # EDM table 1 with sigma_data = 1: the input has unit variance, skip + out reproduce x0 from (x0, v)
+    torch.testing.assert_close(c_in**2 * (sigma**2 + 1), torch.ones_like(sigma))
+    torch.testing.assert_close(c_skip + c_out * -sigma * c_in, torch.ones_like(sigma))  # x0's share of denoised
+    torch.testing.assert_close(c_skip * sigma + c_out * c_in, torch.zeros_like(sigma))  # noise cancels
+    x = torch.randn(5, dtype=torch.float64)
+    torch.testing.assert_close(scale_input(x, sigma[2]), c_in[2] * x)
 
 
 @pytest.mark.parametrize("frames, windows_per_call", [(57, 1), (57, 2), (10, 1)])

@@ -1,4 +1,4 @@
-"""sonic/urls.py: user URLs cannot reach the server's own network unless the operator allows it."""
+"""sonic/inputs/urls.py: user URLs cannot reach the server's own network unless the operator allows it."""
 
 from __future__ import annotations
 

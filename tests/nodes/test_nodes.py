@@ -108,7 +108,7 @@ def _run_stages(comfy_env, min_resolution=128, **sampler):
 
 def test_each_stage_tells_comfyui_the_memory_it_needs(comfy_env, monkeypatch):
     """ComfyUI frees memory for a stage only as far as it is told: every load names its modules and the working
-    memory of that stage for this video's size (sonic/memory.py), so other models are evicted when needed."""
+    memory of that stage for this video's size (sonic/engine/memory.py), so other models are evicted when needed."""
     import comfy.model_management as mm
 
     from sonic.engine import memory
@@ -121,10 +121,10 @@ def test_each_stage_tells_comfyui_the_memory_it_needs(comfy_env, monkeypatch):
         latent_h, latent_w = height // 8, width // 8
         assert mm.REQUESTS == [
             (["ModuleDict", "AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection"],
-             memory.prepare(height, width, torch.float32)),
-            (["UNetSpatioTemporalConditionModel"], memory.sampling(1, 25, latent_h, latent_w, torch.float32)),
+             memory.prepare_bytes(height, width, torch.float32)),
+            (["UNetSpatioTemporalConditionModel"], memory.sampling_bytes(1, 25, latent_h, latent_w, torch.float32)),
             (["AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection", "IFNet"],
-             memory.decode(8, 4, height, width, torch.float32, interpolation=True)),
+             memory.decode_bytes(8, 4, height, width, torch.float32, interpolation=True)),
         ]
         sizes[resolution], areas[resolution] = [request for _, request in mm.REQUESTS], width * height
     # a larger video asks for more, in proportion to its area (128x256 -> 256x448 here)
@@ -143,8 +143,8 @@ def test_low_vram_mode_is_chosen_from_free_memory_and_gives_the_same_video(comfy
     _, (normal, *_rest) = _run_stages(comfy_env)
     predata, _ = _run_stages(comfy_env)
     latent = predata.cond.image_latents.shape[2:]
-    batched = memory.sampling(1, 25, *latent, torch.float32)
-    sequential = memory.sampling(1, 25, *latent, torch.float32, sequential_guidance=True)
+    batched = memory.sampling_bytes(1, 25, *latent, torch.float32)
+    sequential = memory.sampling_bytes(1, 25, *latent, torch.float32, sequential_guidance=True)
     assert sequential < batched
     calls = []
     unet = _model(comfy_env).models.unet
@@ -190,12 +190,12 @@ def test_unet_streaming_under_novram_or_a_small_card_gives_the_same_video(comfy_
         assert not [names for names, _ in mm.REQUESTS if names == ["UNetSpatioTemporalConditionModel"]]  # never loaded whole
         latent = predata.cond.image_latents.shape[2:]
         largest = max(offload.unit_bytes(unit) for unit in offload.unet_units(unet))
-        assert mm.FREED == [memory.streamed_unet(largest, 1, 25, *latent, torch.float32)]
+        assert mm.FREED == [memory.streamed_unet_bytes(largest, 1, 25, *latent, torch.float32)]
         assert set(rows) == {1}  # low-VRAM rows too
         # a card whose whole memory cannot hold the UNet's weights and a low-VRAM call chooses it by itself
         monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
         unet_bytes = sum(t.numel() * t.element_size() for t in [*unet.parameters(), *unet.buffers()])
-        fits = unet_bytes + memory.sampling(1, 25, *latent, torch.float32, sequential_guidance=True)
+        fits = unet_bytes + memory.sampling_bytes(1, 25, *latent, torch.float32, sequential_guidance=True)
         monkeypatch.setattr(mm, "TOTAL_MEMORY", fits + mm.minimum_inference_memory() - 1)
         caplog.clear()
         with caplog.at_level("INFO"):
