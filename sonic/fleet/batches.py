@@ -1,10 +1,5 @@
-"""`python -m sonic submit` and `python -m sonic status`: a batch's life seen from any machine.
-
-A batch lives in the object store, so that its state outlives workers and broker: `<out>/<batch>/batch.json`
-(the jobs and the workflow), `<id>.mp4` and `records/<id>.json` per finished job, `manifest.jsonl` (the batch
-runner's format) once it is complete. Inputs that were local files on the submitting machine are uploaded once to
-`<out>/inputs/<batch>/<sha256><suffix>`; workers only ever see s3:// and http(s):// inputs.
-"""
+"""`python -m sonic submit` and `python -m sonic status`: a batch's life seen from any machine. The batch lives in
+the object store (`store.py` has its layout)."""
 
 from __future__ import annotations
 
@@ -19,7 +14,7 @@ from ..exits import EXIT_FAILED, EXIT_OK
 from ..jobs.jobsfile import Workflow, load_jobs
 from ..jobs.storage import S3, split_s3
 from .queue import QUEUE, TASK, broker_url, make_app
-from .work import BatchStore
+from .store import BatchStore
 
 SCHEMA_SNAPSHOT = Path(__file__).resolve().parents[1] / "jobs" / "sonic_nodes.json"
 
@@ -62,10 +57,7 @@ def submit(jobs_path: Path, broker: str | None, out: str, workflow_path: Path | 
     batch = batch or time.strftime("b%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
     if not all(c.isalnum() or c in "-_." for c in batch):
         raise ValueError(f"--batch {batch!r}: use letters, digits, '-', '_' or '.'")
-    base = out.rstrip("/")
-    uri = f"{base}/{batch}"
-    if s3.read(f"{uri}/batch.json") is not None:
-        raise ValueError(f"batch {uri} exists already; choose another --batch name")
+    store = BatchStore.create(s3, out, batch, url_expiry_s)
     uploaded = {}
     for job in jobs:
         for column in ("image", "audio"):
@@ -73,24 +65,24 @@ def submit(jobs_path: Path, broker: str | None, out: str, workflow_path: Path | 
             if source.kind != "file":
                 continue
             if source.sha256 not in uploaded:
-                target = f"{base}/inputs/{batch}/{source.sha256}{source.suffix}"
+                target = store.input_uri(source.sha256, source.suffix)
                 if s3.head(target) is None:  # never twice
                     s3.upload(Path(source.location), target, {"sha256": source.sha256}, "application/octet-stream")
                 uploaded[source.sha256] = target
             setattr(job, column, replace(source, kind="s3", location=uploaded[source.sha256]))
     columns = {name for job in jobs for name in job.params}
-    common = {"batch": uri, "workflow": workflow.prompt, "workflow_name": workflow.path.name,
+    common = {"batch": store.uri, "workflow": workflow.prompt, "workflow_name": workflow.path.name,
               "workflow_digest": workflow.digest, "schema": message_schema(workflow, schema, columns),
               "retries": retries, "backoff_s": backoff_s, "url_expiry": url_expiry_s}
     descriptor = {**common, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "jobs": [job.to_message() for job in jobs]}
-    s3.write(f"{uri}/batch.json", json.dumps(descriptor).encode(), "application/json")
+    store.write_descriptor(descriptor)
     app = make_app(broker)
     with app.producer_or_acquire() as producer:
         for job in jobs:
             app.send_task(TASK, args=[{**common, "job": job.to_message()}], task_id=f"{batch}:{job.id}",
                           queue=QUEUE, producer=producer)
-    return uri
+    return store.uri
 
 
 def waiting_in_queue(broker: str | None) -> int | None:
@@ -109,13 +101,9 @@ def status(batch_uri: str, broker: str | None, wait: bool = False, as_json: bool
     """Print a batch's progress; with wait, follow it to the end and write its manifest. -> exit status."""
     split_s3(batch_uri)
     s3 = S3(s3_endpoint, s3_addressing)
-    data = s3.read(f"{batch_uri.rstrip('/')}/batch.json")
-    if data is None:
-        raise ValueError(f"{batch_uri} is not a batch (no batch.json there); give what `submit` printed")
-    descriptor = json.loads(data)
-    store = BatchStore(s3, descriptor["batch"], descriptor.get("url_expiry", 7200))
+    store, descriptor = BatchStore.open(s3, batch_uri)
     ids = [job["id"] for job in descriptor["jobs"]]
-    batch_name = descriptor["batch"].rsplit("/", 1)[-1]
+    batch_name = store.name
     bar, last = None, None
     if wait and not as_json:
         from tqdm import tqdm

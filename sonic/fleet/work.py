@@ -8,7 +8,6 @@ that died before writing the record is adopted, not made again.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -19,55 +18,12 @@ from pathlib import Path
 from ..jobs.comfy_api import ComfyServer, Outcome, PromptRejected, ServerUnreachable
 from ..jobs.jobsfile import Job, Workflow
 from ..jobs.manifest import make_record, timings
-from ..jobs.storage import INPUT_URL_EXPIRY_S, S3, S3Outputs
+from ..jobs.storage import INPUT_URL_EXPIRY_S, S3
 from .queue import QUEUE, TASK, make_app
+from .store import BatchStore
 
 log = logging.getLogger("sonic.fleet")
 WATCH_S = 5.0  # how often a worker asks its ComfyUI whether it answers
-
-
-class BatchStore:
-    """A batch's folder in the object store: batch.json, <id>.mp4, records/<id>.json, manifest.jsonl."""
-
-    def __init__(self, s3: S3, uri: str, url_expiry_s: int = 7200):
-        self.s3, self.uri = s3, uri.rstrip("/")
-        self.outputs = S3Outputs(s3, self.uri, url_expiry_s, check=False)  # the layout and metadata of batch runs
-
-    def record_uri(self, job_id: str) -> str:
-        return f"{self.uri}/records/{job_id}.json"
-
-    def read_record(self, job_id: str) -> dict | None:
-        data = self.s3.read(self.record_uri(job_id))
-        return json.loads(data) if data else None
-
-    def write_record(self, record: dict) -> None:
-        self.s3.write(self.record_uri(record["id"]), json.dumps(record).encode(), "application/json")
-
-    def records(self) -> dict[str, dict]:
-        found = {}
-        for uri in self.s3.keys(f"{self.uri}/records/"):
-            data = self.s3.read(uri)
-            if data:
-                record = json.loads(data)
-                found[record["id"]] = record
-        return found
-
-    def finished(self, job: Job) -> dict | None:
-        """The job's final record when it needs no (further) run: done with its output in place, or failed."""
-        record = self.read_record(job.id)
-        existing = self.outputs.existing(job.id)
-        if record and record.get("key") == job.key:
-            if record["status"] == "failed":
-                return record
-            if record["status"] == "done" and existing and existing["sha256"] == record["sha256"]:
-                return record
-        if existing and existing["metadata"].get("sonic-job-key") == job.key:  # stored; the worker died before the record
-            record = make_record(job, "done", output=self.outputs.location(job.id), sha256=existing["sha256"],
-                                 bytes=existing["bytes"], prompt_id=existing["metadata"].get("sonic-prompt-id"),
-                                 recovered=True)
-            self.write_record(record)
-            return record
-        return None
 
 
 class Worker:
