@@ -13,7 +13,7 @@ rm -rf "$dest"
 mkdir -p "$dest/wheels" "$dest/reference/sonic-tiny"
 py=${PYTHON:-python3}
 version() { "$py" -c "import importlib.metadata as m; print(m.version('$1'))"; }
-# what tests/test_gpu.py and bench_stages.py import that the H200 image lacks (its list: device KINDS.md)
+# what tests/engine/test_gpu.py and bench_stages.py import that the H200 image lacks (its list: device KINDS.md)
 "$py" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$dest/wheels" \

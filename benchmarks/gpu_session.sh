@@ -20,7 +20,7 @@ if [ "${1:-}" = "--smoke" ]; then
   seconds=1
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/test_gpu.txt"
+  python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py 2>&1 | tee "$out/test_gpu.txt"
   device=(--device cuda --peak-tflops 989) big=(--min-resolution 768 1024) small=(--min-resolution 512) steps=25 few=5
   fp16=fp16 bf16=bf16
 fi

@@ -4,7 +4,7 @@ API-format twins (workflows/api/*.json, for the queue API and tests). Run after 
     python workflows/_build.py
 
 Each template is data: nodes with their widget values in the frontend's order (a seed's control_after_generate
-mode follows it; upload widgets come last: an image upload adds "image", an audio upload null and "") and links. tests/test_workflows.py checks
+mode follows it; upload widgets come last: an image upload adds "image", an audio upload null and "") and links. tests/nodes/test_workflows.py checks
 both files against the nodes' real definitions and executes every API twin.
 """
 
