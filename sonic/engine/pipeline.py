@@ -146,17 +146,19 @@ def prepare(models: SonicModels, image, audio, options: PrepareOptions | None = 
     `keep_intermediates` keeps the CLIP pixels, Whisper features and audio windows in `extras` (for checks;
     the windows take ~150 KB per frame). `located`: a cached result of `locate_face` for this image."""
     options = options or PrepareOptions()
+    # 1. the face, and the crop around it when asked for
     img = load_image(image) if isinstance(image, (str, os.PathLike)) else image
     face, crop = located or locate_face(models, img, options)
     if crop is not None:
         img = img.crop(crop)
+    # 2. the portrait at the video's size, its face mask and CLIP input; the speech at 16 kHz
     portrait: PortraitTensors = prepare_portrait(img, face, options.min_resolution)
     samples = load_speech(audio, options.duration)
-
+    # 3. the image conditioning: CLIP embedding and reference latents
     image_embeds = models.image_encoder.embed(portrait.clip_image[None])  # [1, D]
     ref_image = portrait.ref_image[None]
     image_latents = models.vae.encode_mean(ref_image)  # [1, 4, h, w], unscaled
-
+    # 4. the audio conditioning: per-frame tokens and motion buckets
     tokens, uncond, buckets, extras = encode_audio(models, samples, image_embeds)
     extras = {**extras, "clip_image": portrait.clip_image} if keep_intermediates else {}
     return SonicConditioning(
@@ -278,17 +280,21 @@ def sample(
     same random numbers; copied to the host before the first UNet call)."""
     options = options or SampleOptions()
     device, dtype = models.device, models.dtype
+    # 1. the initial noise (the official draws, or the caller's)
     expected = (1, cond.num_frames, *cond.image_latents.shape[1:])
     if noise is None:
         noise = draw_noise(models, cond, options.seed)
     elif tuple(noise.shape) != expected:
         raise ValueError(f"initial noise has shape {tuple(noise.shape)}, expected {expected} for this input")
+    # 2. the noise schedule
     sigmas, timesteps = schedule_from_config(models.scheduler_config, options.inference_steps, options.noise_strength)
-    # the full-length latents live in host memory; the sampler sends one call's windows at a time to the device
+    # 3. the initial latents: the full-length latents live in host memory; the sampler sends one call's windows at
+    # a time to the device
     ref_latents = cond.image_latents.to(dtype) * models.vae.scaling_factor  # [1, 4, h, w]
     latents = ref_latents + noise[0].to("cpu", dtype) * sigmas[0].to(dtype)  # [F, 4, h, w]
     del noise
 
+    # 4. the denoising loop over shifted windows
     denoiser = SonicDenoiser(models, cond, options, len(timesteps), cancel)
     # stream_unet: the UNet's weights stay where they are (host memory) and visit the device block by block
     streaming = offload.streamed(offload.unet_units(models.unet), device) if options.stream_unet else nullcontext()
