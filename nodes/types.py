@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-CHUNK = 32  # frames per write
+CHUNK = 32  # frames per chunk read from a frames file or an IMAGE batch
 
 
 @dataclass

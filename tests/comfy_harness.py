@@ -145,12 +145,29 @@ def validate_prompt(prompt: dict, mappings: dict) -> None:
         raise ValidationError(errors)
 
 
-def execute_prompt(prompt: dict, mappings: dict) -> tuple[dict, dict]:
-    """Validate, then run the output nodes and their ancestors. Returns (results, ui) per node id."""
+def reset_stub_records() -> None:
+    """Empty the ComfyUI stand-in's recorders (tests/comfy_stub: model loads, memory requests, frees, progress
+    updates) and clear a pending Cancel, where those modules are loaded; test modules run it before each test."""
+    for name in ("comfy.model_management", "comfy.utils"):
+        module = sys.modules.get(name)
+        if module is not None:
+            module.reset_records()
+
+
+def execute_prompt(prompt: dict, mappings: dict, cached: dict | None = None) -> tuple[dict, dict]:
+    """Validate, then run the output nodes and their ancestors. Returns (results, ui) per node id.
+
+    `cached` maps node ids to output tuples that ComfyUI's execution cache already holds: those nodes do not run,
+    nor do their ancestors unless another node needs them (as when ComfyUI re-runs a prompt whose upstream part
+    is unchanged)."""
     import torch
 
     validate_prompt(prompt, mappings)
     results, ui = {}, {}
+    for node_id, out in (cached or {}).items():
+        cls = mappings[prompt[node_id]["class_type"]]
+        assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES), f"cached {node_id}: {out!r}"
+        results[node_id] = out
 
     def run(node_id: str):
         if node_id in results:

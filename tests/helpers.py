@@ -86,3 +86,20 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
             self.live += storage.nbytes()
         self.peak = max(self.peak, self.live)
         return out
+
+
+def audio_delay_s(shifted: dict, source: dict) -> float:
+    """How much later the ComfyUI AUDIO `shifted` plays `source`, in seconds (negative: its start was cut), found by
+    cross-correlating the two waveforms, not from any number the node reports. The match must be exact: `shifted`
+    is `source` behind silence (a delay) or without its first samples (an advance)."""
+    from scipy.signal import correlate
+
+    assert shifted["sample_rate"] == source["sample_rate"]
+    a, b = shifted["waveform"][0].double().numpy(), source["waveform"][0].double().numpy()  # [channels, samples]
+    scores = correlate(a.mean(axis=0), b.mean(axis=0), mode="full", method="fft")
+    lag = int(np.argmax(scores)) - (b.shape[-1] - 1)
+    if lag >= 0:
+        assert not a[:, :lag].any() and np.array_equal(a[:, lag:], b), f"not a plain delay of {lag} samples"
+    else:
+        assert np.array_equal(a, b[:, -lag:]), f"not a plain advance of {-lag} samples"
+    return lag / source["sample_rate"]

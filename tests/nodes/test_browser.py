@@ -9,7 +9,6 @@ Playwright's own browser downloads are never used. Skips with the reason when ei
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 from helpers import workflow_templates
@@ -86,7 +85,6 @@ def test_quick_template_runs_and_shows_the_lip_sync_result_and_the_video(browser
             .find(w => w.name === name).value = value; };
         set('SonicSampler', 'steps', 2); set('SonicPreData', 'duration', 1.5); set('SonicPreData', 'min_resolution', 256);
     }""")
-    started = time.time()
     page.get_by_role("button", name="Run", exact=True).first.click()
     result = page.locator(".sonic-lipsync-result")
     result.wait_for(timeout=300000)
@@ -109,4 +107,3 @@ def test_quick_template_runs_and_shows_the_lip_sync_result_and_the_video(browser
     assert len(saved) == 6
     page.screenshot(path=str(server.base / "quick-run.png"))
     assert failures == [], failures
-    assert time.time() - started < 300

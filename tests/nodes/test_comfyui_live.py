@@ -152,43 +152,7 @@ def _quick_prompt(client: Client, tiny_dir, seed: int) -> dict:
     return prompt
 
 
-def _quick_frames(client: Client, tiny_dir, seed: int):
-    """The quick template's sampler (shortened, `seed`) saved by ComfyUI's own SaveImage as PNGs (lossless, unlike
-    the MP4, whose encoder turns a one-level change of a pixel into other coding decisions) -> uint8 arrays."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    prompt = _quick_prompt(client, tiny_dir, seed)
-    del prompt["6"], prompt["7"], prompt["8"]  # encoder, lip-sync calibration, smoothing
-    prompt["9"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": f"frames/{seed}"}}
-    outcome, history = client.run(prompt)
-    assert outcome == "success", json.dumps(history.get("status"), indent=1)[-3000:]
-    return [np.asarray(Image.open(io.BytesIO(client.get(
-        f"/view?filename={e['filename']}&subfolder={e['subfolder']}&type={e['type']}"))).convert("RGB"))
-        for e in history["outputs"]["9"]["images"]]
-
-
-def test_unet_streaming_in_a_real_comfyui_gives_the_same_frames(comfyui, tiny_dir, tmp_path):
-    """A server started with SONIC_STREAM_UNET=1 (what --novram chooses on a GPU; --cpu ignores --novram) streams
-    the UNet through ComfyUI's real model management and makes the frames of the plain server. Streaming runs the
-    guidance rows one after another, whose float noise moves a pixel by one level at most (measured 0.02 levels
-    before rounding)."""
-    import numpy as np
-
-    client, _ = comfyui
-    plain = _quick_frames(client, tiny_dir, 777)
-    server = ComfyUI(tmp_path / "streaming", tiny_dir, env={"SONIC_STREAM_UNET": "1"}).start()
-    try:
-        server.wait()
-        streamed = _quick_frames(Client(server.url), tiny_dir, 777)
-    finally:
-        server.stop()
-    assert "UNet streaming" in server.log_path.read_text()
-    assert len(streamed) == len(plain) == 23
-    difference = np.abs(np.stack(streamed).astype(int) - np.stack(plain).astype(int))
-    assert difference.max() <= 1
+# UNet streaming (SONIC_STREAM_UNET / --novram -> sequential guidance rows): tests/engine/test_plan.py
 
 
 def test_interrupt_cancels_the_sampler(comfyui):

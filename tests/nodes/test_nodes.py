@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_harness import ValidationError, execute_prompt, validate_prompt
+from comfy_harness import ValidationError, execute_prompt, reset_stub_records, validate_prompt
+from helpers import audio_delay_s
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stub_records():
+    """The ComfyUI stand-in records model loads, memory requests and progress: none carried over between tests."""
+    reset_stub_records()
+    yield
+    reset_stub_records()
+
 
 NODE_IDS = ["SonicLoadImage", "SonicLoadAudio", "SonicModelLoader", "SonicPreData", "SonicSampler",
             "SonicLipSyncCalibrate", "SonicSmoothMotion", "SonicVideoEncode"]
@@ -99,40 +109,89 @@ def test_model_loader_caches(comfy_env):
         _node(comfy_env, "SonicModelLoader").load("Sonic/unet.pth", vae=object())
 
 
-def _run_stages(comfy_env, min_resolution=128, **sampler):
+def _prepare(comfy_env, min_resolution=128):
+    """(SONIC_MODEL, SONIC_PREDATA) of 0.5 s of the reference speech on the portrait (face box given)."""
     model, image, audio = _inputs(comfy_env)
     predata = _node(comfy_env, "SonicPreData").prepare(model, image, audio, min_resolution=min_resolution,
                                                        duration=0.5, face_box="37,37,76,76")[0]
-    return predata, _node(comfy_env, "SonicSampler").sample(model, predata, seed=3, steps=2, **sampler)
+    return model, predata
 
 
-def test_each_stage_tells_comfyui_the_memory_it_needs(comfy_env, monkeypatch):
+def _sample(comfy_env, model, predata, **sampler):
+    return _node(comfy_env, "SonicSampler").sample(model, predata, seed=3, steps=2, **sampler)
+
+
+class _FirstUNetCall(Exception):
+    pass
+
+
+def _until_first_unet_call(comfy_env, model, predata):
+    """Run the sampler node until its first UNet call starts (the memory mode is chosen and logged by then)."""
+
+    def stop(module, args):
+        raise _FirstUNetCall
+
+    handle = model.models.unet.register_forward_pre_hook(stop)
+    try:
+        with pytest.raises(_FirstUNetCall):
+            _sample(comfy_env, model, predata)
+    finally:
+        handle.remove()
+
+
+def _run_stages(comfy_env, min_resolution=128, **sampler):
+    model, predata = _prepare(comfy_env, min_resolution)
+    return predata, _sample(comfy_env, model, predata, **sampler)
+
+
+# The reference portrait is 144x256 (w x h). Its video (both sides multiples of 64, the short one the minimum
+# resolution) and latents (8x smaller), as the memory requests below must be sized:
+VIDEO = {128: (128, 256), 256: (256, 448), 384: (384, 704)}  # min_resolution -> (width, height)
+LATENT = {128: (32, 16), 256: (56, 32)}  # min_resolution -> (latent_h, latent_w)
+# SampleOptions' defaults the requests depend on: 25 latent frames per UNet window, one window per call, three
+# guidance rows per window (one in low-VRAM mode), VAE decode chunks of 8 frames, RIFE batches of 4 frame pairs
+ROWS, LOW_VRAM_ROWS, WINDOW, CHUNK, RIFE_BATCH = 3, 1, 25, 8, 4
+STAGE_MODULES = [["ModuleDict", "AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection"],  # PreData
+                 ["UNetSpatioTemporalConditionModel"],  # sampling
+                 ["AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection", "IFNet"]]  # decode + RIFE
+
+
+def test_each_stage_tells_comfyui_the_memory_it_needs(comfy_env):
     """ComfyUI frees memory for a stage only as far as it is told: every load names its modules and the working
-    memory of that stage for this video's size (sonic/engine/memory.py), so other models are evicted when needed."""
+    memory of that stage for this video's size (sonic/engine/memory.py's estimates, checked against measured
+    stages in tests/engine), so other models are evicted when needed."""
     import comfy.model_management as mm
 
     from sonic.engine import memory
 
-    sizes, areas = {}, {}
+    fp32, requests = torch.float32, {}
     for resolution in (128, 256):
+        (width, height), (latent_h, latent_w) = VIDEO[resolution], LATENT[resolution]
         mm.REQUESTS.clear()
-        predata, _ = _run_stages(comfy_env, resolution)
-        width, height = predata.cond.size
-        latent_h, latent_w = height // 8, width // 8
-        assert mm.REQUESTS == [
-            (["ModuleDict", "AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection"],
-             memory.prepare_bytes(height, width, torch.float32)),
-            (["UNetSpatioTemporalConditionModel"], memory.sampling_bytes(1, 25, latent_h, latent_w, torch.float32)),
-            (["AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection", "IFNet"],
-             memory.decode_bytes(8, 4, height, width, torch.float32, interpolation=True)),
-        ]
-        sizes[resolution], areas[resolution] = [request for _, request in mm.REQUESTS], width * height
-    # a larger video asks for more, in proportion to its area (128x256 -> 256x448 here)
-    area_ratio = areas[256] / areas[128]
-    assert area_ratio == 3.5
+        predata, (images, *_rest) = _run_stages(comfy_env, resolution)
+        assert predata.cond.size == (width, height) and tuple(images.shape[1:3]) == (height, width)
+        assert [names for names, _ in mm.REQUESTS] == STAGE_MODULES
+        prepare, sampling, decode = requests[resolution] = [request for _, request in mm.REQUESTS]
+        assert prepare == memory.prepare_bytes(height, width, fp32)  # one portrait VAE-encoded, Whisper, CLIP
+        assert sampling == memory.unet_call_bytes(ROWS, WINDOW, latent_h, latent_w, fp32)
+        assert decode == max(memory.vae_decode_bytes(CHUNK, height, width, fp32),
+                             memory.rife_bytes(RIFE_BATCH, height, width))
+        assert decode > prepare  # decoding a chunk of frames needs more than encoding one
+    # a larger video asks for more, in proportion to its area above the fixed parts (128x256 -> 256x448 here)
+    small, large = requests[128], requests[256]
     fixed = memory.UNET_FIXED_BYTES * memory.SLACK  # the UNet call's size-independent part
-    assert (sizes[256][1] - fixed) / (sizes[128][1] - fixed) == pytest.approx(area_ratio, rel=1e-3)
-    assert sizes[256][2] / sizes[128][2] == pytest.approx(area_ratio, rel=1e-3)
+    assert (large[1] - fixed) / (small[1] - fixed) == pytest.approx(3.5, rel=1e-6)
+    assert large[2] / small[2] == pytest.approx(3.5, rel=1e-6)
+    # PreData: below 384x704 Whisper and CLIP need more than the portrait's encode; from there the encode counts
+    floor = memory.AUDIO_AND_CLIP_BYTES * memory.SLACK
+    assert small[0] == large[0] == pytest.approx(floor, abs=1)
+    mm.REQUESTS.clear()
+    _, predata = _prepare(comfy_env, 384)
+    width, height = VIDEO[384]
+    assert predata.cond.size == (width, height)
+    assert mm.REQUESTS == [(STAGE_MODULES[0], memory.prepare_bytes(height, width, fp32))]
+    assert mm.REQUESTS[0][1] == pytest.approx(width * height * memory.VAE_ENCODE_BYTES_PER_PIXEL * memory.SLACK, abs=1)
+    assert mm.REQUESTS[0][1] > floor
 
 
 def test_low_vram_mode_is_chosen_from_free_memory_and_gives_the_same_video(comfy_env, monkeypatch, caplog):
@@ -140,32 +199,32 @@ def test_low_vram_mode_is_chosen_from_free_memory_and_gives_the_same_video(comfy
 
     from sonic.engine import memory
 
-    _, (normal, *_rest) = _run_stages(comfy_env)
-    predata, _ = _run_stages(comfy_env)
-    latent = predata.cond.image_latents.shape[2:]
-    batched = memory.sampling_bytes(1, 25, *latent, torch.float32)
-    sequential = memory.sampling_bytes(1, 25, *latent, torch.float32, sequential_guidance=True)
-    assert sequential < batched
+    model, predata = _prepare(comfy_env)
+    latent_h, latent_w = LATENT[128]
+    batched = memory.unet_call_bytes(ROWS, WINDOW, latent_h, latent_w, torch.float32)
+    sequential = memory.unet_call_bytes(LOW_VRAM_ROWS, WINDOW, latent_h, latent_w, torch.float32)
+    fixed = memory.UNET_FIXED_BYTES * memory.SLACK
+    assert (sequential - fixed) == pytest.approx((batched - fixed) / 3, rel=1e-6)  # a third above the fixed part
     calls = []
-    unet = _model(comfy_env).models.unet
-    handle = unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    handle = model.models.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     try:
+        normal, *_rest = _sample(comfy_env, model, predata)  # plenty free: the three rows in one call
+        assert set(calls) == {3}
+        calls.clear()
         monkeypatch.setattr(mm, "FREE_MEMORY", batched - 1)  # a card where the batched call does not fit
         mm.REQUESTS.clear()
         with caplog.at_level("INFO"):
-            _, (low, *_rest) = _run_stages(comfy_env)
+            low, *_rest = _sample(comfy_env, model, predata)
         assert "low-VRAM mode" in caplog.text
-        assert [r for names, r in mm.REQUESTS if names == ["UNetSpatioTemporalConditionModel"]] == [batched, sequential]
+        assert [r for names, r in mm.REQUESTS if names == STAGE_MODULES[1]] == [batched, sequential]
         assert set(calls) == {1}  # one guidance row per UNet call
         calls.clear()
         monkeypatch.setattr(mm, "FREE_MEMORY", None)
         monkeypatch.setenv("SONIC_LOW_VRAM", "1")  # the setting forces it whatever is free
-        _run_stages(comfy_env)
-        assert set(calls) == {1}
-        calls.clear()
-        monkeypatch.delenv("SONIC_LOW_VRAM")
-        _run_stages(comfy_env)
-        assert set(calls) == {3}  # plenty free: the three rows in one call
+        mm.REQUESTS.clear()
+        _until_first_unet_call(comfy_env, model, predata)
+        assert calls == [1]
+        assert [r for names, r in mm.REQUESTS if names == STAGE_MODULES[1]] == [sequential]
     finally:
         handle.remove()
     assert (low.float() - normal.float()).abs().max() < 2 / 255  # the same video (uint8 rounding at most)
@@ -176,8 +235,11 @@ def test_unet_streaming_under_novram_or_a_small_card_gives_the_same_video(comfy_
 
     from sonic.engine import memory, offload
 
-    _, (normal, *_rest) = _run_stages(comfy_env)
-    unet = _model(comfy_env).models.unet
+    model, predata = _prepare(comfy_env)
+    normal, *_rest = _sample(comfy_env, model, predata)
+    unet = model.models.unet
+    latent_h, latent_w = LATENT[128]
+    low_vram_call = memory.unet_call_bytes(LOW_VRAM_ROWS, WINDOW, latent_h, latent_w, torch.float32)
     rows = []
     handle = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     try:
@@ -185,27 +247,33 @@ def test_unet_streaming_under_novram_or_a_small_card_gives_the_same_video(comfy_
         mm.REQUESTS.clear()
         mm.FREED.clear()
         with caplog.at_level("INFO"):
-            predata, (streamed, *_rest) = _run_stages(comfy_env)
+            streamed, *_rest = _sample(comfy_env, model, predata)
         assert "UNet streaming" in caplog.text
-        assert not [names for names, _ in mm.REQUESTS if names == ["UNetSpatioTemporalConditionModel"]]  # never loaded whole
-        latent = predata.cond.image_latents.shape[2:]
+        assert not [names for names, _ in mm.REQUESTS if names == STAGE_MODULES[1]]  # never loaded whole
+        # room for a low-VRAM call and two of the largest streaming units (the one in use, the next arriving)
         largest = max(offload.unit_bytes(unit) for unit in offload.unet_units(unet))
-        assert mm.FREED == [memory.streamed_unet_bytes(largest, 1, 25, *latent, torch.float32)]
+        assert mm.FREED == [low_vram_call + 2 * largest]
         assert set(rows) == {1}  # low-VRAM rows too
         # a card whose whole memory cannot hold the UNet's weights and a low-VRAM call chooses it by itself
         monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
         unet_bytes = sum(t.numel() * t.element_size() for t in [*unet.parameters(), *unet.buffers()])
-        fits = unet_bytes + memory.sampling_bytes(1, 25, *latent, torch.float32, sequential_guidance=True)
+        fits = unet_bytes + low_vram_call
         monkeypatch.setattr(mm, "TOTAL_MEMORY", fits + mm.minimum_inference_memory() - 1)
         caplog.clear()
         with caplog.at_level("INFO"):
-            _run_stages(comfy_env)
+            _until_first_unet_call(comfy_env, model, predata)
         assert "UNet streaming" in caplog.text
         monkeypatch.setattr(mm, "TOTAL_MEMORY", fits + mm.minimum_inference_memory())
         caplog.clear()
         with caplog.at_level("INFO"):
-            _run_stages(comfy_env)
+            _until_first_unet_call(comfy_env, model, predata)
         assert "UNet streaming" not in caplog.text
+        # the pack's own setting, on a card that would not need it
+        monkeypatch.setenv("SONIC_STREAM_UNET", "1")
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            _until_first_unet_call(comfy_env, model, predata)
+        assert "UNet streaming" in caplog.text and "SONIC_STREAM_UNET" in caplog.text
     finally:
         handle.remove()
     assert (streamed.float() - normal.float()).abs().max() < 2 / 255  # the same video (uint8 rounding at most)
@@ -450,6 +518,17 @@ def test_video_encode_metadata_and_bad_frames(comfy_env):
     assert sorted(p.name for p in (comfy_env["base"] / "output" / "meta").iterdir()) == ["clip_00001_.mp4"]
 
 
+def _frames_file(comfy_env, clip, fps, audio):
+    """A SONIC_FRAMES value (as the sampler's frames-file output) holding the uint8 clip [N, H, W, 3]."""
+    import importlib
+
+    pack = comfy_env["pack"]
+    frame_store = importlib.import_module(f"{pack.__name__}.sonic.post.frames").FrameStore
+    store = frame_store(clip.shape[1], clip.shape[2], len(clip), fps, folder=comfy_env["base"] / "temp")
+    store.append(clip)
+    return pack.nodes.sampling.SonicFrames(store=store, audio=audio, fps=fps)
+
+
 def test_smooth_motion_node_on_images_and_frames_file(comfy_env):
     import cv2
     import numpy as np
@@ -474,15 +553,21 @@ def test_smooth_motion_node_on_images_and_frames_file(comfy_env):
     after = jitter_px((smoothed.numpy() * 255).round().astype(np.uint8))
     assert before > 2.5 and after < before / 4
     # the same clip through a frames file (the long-video path) gives the same frames, chunk by chunk
-    pack = comfy_env["pack"]
-    store = pack.sonic.post.frames.FrameStore(256, 256, 40, 25.0, folder=comfy_env["base"] / "temp")
-    store.append(clip)
-    frames = pack.nodes.sampling.SonicFrames(store=store, audio=None, fps=25.0)
+    frames = _frames_file(comfy_env, clip, 25.0, None)
     preview, from_file = node.smooth(alpha=0.2, region="face", frames=frames, face_box="40,0,120,160")
     assert preview.shape[0] == 1 and len(from_file.store) == 40
     np.testing.assert_array_equal(from_file.store.uint8(), (smoothed.numpy() * 255).round().astype(np.uint8))
     with pytest.raises(ValueError, match="needs the face"):
         node.smooth(region="face", images=images)
+
+
+def _message_ms(message: str, label: str) -> float:
+    """The milliseconds the node's message states after `label` (e.g. 'lip-sync offset +101.0 ms')."""
+    import re
+
+    found = re.search(re.escape(label) + r" ([+-][0-9.]+) ms", message)
+    assert found, f"{label!r} not in {message!r}"
+    return float(found.group(1))
 
 
 def test_lip_sync_node_on_images_and_frames_file(comfy_env, espeak, caplog):
@@ -498,32 +583,30 @@ def test_lip_sync_node_on_images_and_frames_file(comfy_env, espeak, caplog):
     out_images, handle, corrected, offset, confidence = out["result"]
     assert out_images is images and handle is None
     assert offset == pytest.approx(0.1, abs=0.01) and confidence > 0.4
+    # the audio passed on is the input delayed by the known 100 ms plus the manual 20 ms (the delay is found by
+    # matching the waveforms; 10 ms is the measurement's accuracy, not the node's rounding)
+    delay = audio_delay_s(corrected, audio)
+    assert delay == pytest.approx(0.12, abs=0.01)
     shown = out["ui"]["lipsync"][0]  # in the node's UI and the prompt's history (batch manifests)
-    assert (shown["offset_s"], shown["confidence"]) == (round(offset, 4), round(confidence, 4))
-    assert shown["applied_s"] == pytest.approx(offset + 0.02, abs=1e-4) and not shown["warning"]
-    added = corrected["waveform"].shape[-1] - len(speech.samples)
-    assert added == round((offset + 0.02) * speech.sample_rate) and not corrected["waveform"][..., :added].any()
-    assert corrected["sample_rate"] == speech.sample_rate
+    assert shown["offset_s"] == pytest.approx(0.1, abs=0.01) and shown["confidence"] > 0.4 and not shown["warning"]
+    assert shown["applied_s"] == pytest.approx(delay, abs=1e-4)  # what was done to the audio (0.1 ms resolution)
+    assert _message_ms(shown["message"], "lip-sync offset") == pytest.approx(100, abs=10)
+    assert _message_ms(shown["message"], "manual offset") == 20 and _message_ms(shown["message"], "audio delayed by") \
+        == pytest.approx(delay * 1000, abs=0.1)
 
     # the frames-file path: audio from the handle, face found by dlib on the first frame, same measurement
-    import importlib
-
-    pack = comfy_env["pack"]
-    frame_store = importlib.import_module(f"{pack.__name__}.sonic.post.frames").FrameStore
-    store = frame_store(256, 256, len(clip), 25.0, folder=comfy_env["base"] / "temp")
-    store.append(clip)
-    frames = pack.nodes.sampling.SonicFrames(store=store, audio=audio, fps=25.0)
+    frames = _frames_file(comfy_env, clip, 25.0, audio)
+    store = frames.store
     preview, handle, from_file, offset2, _ = node.calibrate(mode="auto", frames=frames)["result"]
     assert preview.shape[0] == 1 and handle.store is store and handle.audio is from_file
     assert offset2 == pytest.approx(offset, abs=0.003)
-    assert from_file["waveform"].shape[-1] - len(speech.samples) == round(offset2 * speech.sample_rate)
+    assert audio_delay_s(from_file, audio) == pytest.approx(0.1, abs=0.01)  # mode auto: the measurement alone
 
     # manual: nothing measured, only the given shift (negative cuts the start)
     _, _, manual, offset3, confidence3 = node.calibrate(mode="manual", lip_sync_offset=-0.05, images=images,
                                                        audio=audio)["result"]
     assert (offset3, confidence3) == (0.0, 0.0)
-    cut = round(0.05 * speech.sample_rate)
-    assert torch.equal(manual["waveform"], audio["waveform"][..., cut:])
+    assert audio_delay_s(manual, audio) == pytest.approx(-0.05, abs=1 / speech.sample_rate)
 
     # a picture whose mouth never moves: low confidence, the audio is left alone and a warning says why
     still = torch.from_numpy(espeak.render(np.zeros(4), len(clip), 25.0, seed=4)).float() / 255
@@ -540,15 +623,45 @@ def test_lip_sync_node_on_images_and_frames_file(comfy_env, espeak, caplog):
         node.calibrate(images=images)
 
 
-def test_smoothed_images_keep_their_fps_through_lip_sync(comfy_env, espeak):
-    """12.5 fps video (interpolation off) through Smooth Motion then Lip-Sync Calibrate is measured at 12.5 fps."""
+def _shake(frames_u8) -> float:
+    """Mean absolute change between consecutive frames on the upper face (eyes, nose: no mouth), grey levels.
+    Measured without registration, so it does not share the smoothing's own motion estimate."""
+    import numpy as np
+
+    region = frames_u8[:, 60:115, 80:180].astype(np.float32)
+    return float(np.abs(np.diff(region, axis=0)).mean())
+
+
+def test_smoothing_through_a_frames_file_keeps_fps_and_lip_sync(comfy_env, espeak):
+    """A jittered 12.5 fps talking clip (interpolation off) in a frames file through Smooth Motion (smoothing on)
+    then Lip-Sync Calibrate: the jitter is removed, the frames file keeps 12.5 fps, the lip-sync is measured at
+    12.5 fps; the IMAGE path gives the same frames and the same measurement."""
+    import numpy as np
+
     speech = espeak.synthesize(espeak.SENTENCES[0])
-    clip = espeak.talking_clip(speech, 12.5, 0.16)  # the picture is 160 ms late
-    images = torch.from_numpy(clip).float() / 255
+    clip = espeak.talking_clip(speech, 12.5, 0.16, jitter_px=1.5)  # the picture is 160 ms late and shakes
+    steady = espeak.talking_clip(speech, 12.5, 0.16)  # the same frames without the shake
     audio = {"waveform": torch.from_numpy(speech.samples)[None, None], "sample_rate": speech.sample_rate}
     box = ",".join(str(v) for v in espeak.FACE_BOX)
-    smoothed, handle = _node(comfy_env, "SonicSmoothMotion").smooth(alpha=1.0, region="frame", images=images)
-    out = _node(comfy_env, "SonicLipSyncCalibrate").calibrate(mode="auto", fps=12.5, images=smoothed, frames=handle,
-                                                             audio=audio, face_box=box)
-    offset, confidence = out["result"][3:]
-    assert offset == pytest.approx(0.16, abs=0.02) and confidence > 0.4
+    frames = _frames_file(comfy_env, clip, 12.5, audio)
+    store = frames.store
+    smooth = _node(comfy_env, "SonicSmoothMotion")
+    preview, handle = smooth.smooth(alpha=0.2, region="face without mouth", frames=frames, face_box=box)
+    assert preview.shape[0] == 1 and handle.fps == 12.5 and len(handle.store) == len(clip)
+    assert handle.store.path != store.path and handle.audio is audio
+    smoothed = handle.store.uint8()
+    assert _shake(clip) > 8 * _shake(steady)  # the shake is there to remove (about 20 against 2 grey levels)
+    assert _shake(smoothed) < 1.5 * _shake(steady)  # and it is gone
+    # the IMAGE path: the same frames
+    images, none = smooth.smooth(alpha=0.2, region="face without mouth", images=torch.from_numpy(clip).float() / 255,
+                                 face_box=box)
+    assert none is None
+    np.testing.assert_array_equal((images.numpy() * 255).round().astype(np.uint8), smoothed)
+
+    calibrate = _node(comfy_env, "SonicLipSyncCalibrate")
+    # the frames file brings its own fps: the fps input (the 25 of an interpolated video) is not used
+    from_file = calibrate.calibrate(mode="auto", fps=25.0, frames=handle, face_box=box)["result"]
+    from_images = calibrate.calibrate(mode="auto", fps=12.5, images=images, audio=audio, face_box=box)["result"]
+    assert from_file[1].fps == 12.5
+    assert from_file[3] == pytest.approx(0.16, abs=0.02) and from_file[4] > 0.4
+    assert from_images[3:] == pytest.approx(from_file[3:], abs=1e-6)

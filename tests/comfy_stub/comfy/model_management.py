@@ -12,6 +12,15 @@ TOTAL_MEMORY = None  # what get_total_memory reports
 FREED = []  # memory_required of every free_memory call
 
 
+def reset_records():
+    """Forget every recorded call and a pending Cancel (run before each test, so no test reads another's)."""
+    global interrupt_processing
+    interrupt_processing = False
+    LOADED.clear()
+    REQUESTS.clear()
+    FREED.clear()
+
+
 class VRAMState(enum.Enum):
     DISABLED = 0
     NO_VRAM = 1

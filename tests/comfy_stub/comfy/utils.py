@@ -4,6 +4,11 @@ PROGRESS_BAR_HOOK = None
 UPDATES = []  # (value, total) of every update, for tests
 
 
+def reset_records():
+    """Forget every recorded update (run before each test, so no test reads another's)."""
+    UPDATES.clear()
+
+
 class ProgressBar:
     def __init__(self, total, node_id=None):
         self.total, self.current, self.node_id = total, 0, node_id
