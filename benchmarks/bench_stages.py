@@ -25,7 +25,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from sonic import pipeline  # noqa: E402
+from sonic.engine import pipeline  # noqa: E402
 from sonic.inputs.face import largest_face  # noqa: E402
 from sonic.params import PrepareOptions, SampleOptions  # noqa: E402
 

@@ -23,7 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from talking import FACE_BOX, SENTENCES, mouth_track, render, synthesize  # noqa: E402
 
-from sonic import lipsync  # noqa: E402
+from sonic.post import lipsync  # noqa: E402
 
 OFFSETS_MS = (-200, -150, -97, -60, -33, -13, 0, 7, 21, 40, 77, 120, 163, 200)
 

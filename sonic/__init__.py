@@ -19,8 +19,4 @@ def __getattr__(name: str):
         from .engine import pipeline
 
         return getattr(pipeline, name)
-    if name == "lipsync":  # `sonic.lipsync.measure(...)`, as documented before the engine had rooms
-        from .post import lipsync
-
-        return lipsync
     raise AttributeError(f"module 'sonic' has no attribute {name!r}")

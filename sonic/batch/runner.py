@@ -454,7 +454,7 @@ def run(settings: Settings) -> int:
             todo = batch.prepare()  # a bad jobs file or setup raises (JobsError, ValueError...): the CLI reports it
         except KeyboardInterrupt:
             events.write("cancelled before anything was submitted")
-            raise
+            return EXIT_CANCELLED
         events.emit("plan", jobs=len(todo) + batch.skipped_done + batch.skipped_failed, to_run=len(todo),
                     done_before=batch.skipped_done, failed_before=batch.skipped_failed,
                     servers=[lane.url for lane in batch.lanes if lane.up], manifest=batch.manifest.location)

@@ -45,7 +45,8 @@ def add_parsers(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..batch.runner import Settings, run as run_batch
+    from ..batch.runner import Settings
+    from ..batch.runner import run as run_batch
 
     return run_batch(Settings(jobs=args.jobs, servers=args.servers, out=args.out, workflow=args.workflow,
                         retries=args.retries, manifest=args.manifest, json=args.json, retry_failed=args.retry_failed,

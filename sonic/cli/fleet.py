@@ -7,6 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ..exits import EXIT_OK
 from . import DefaultsShown
 
 
@@ -65,7 +66,7 @@ def submit_batch(args: argparse.Namespace) -> int:
 
     print(submit(args.jobs, args.broker, args.out, args.workflow, args.retries, args.url_expiry, args.batch,
                  args.server, args.s3_endpoint, args.s3_addressing))
-    return 0
+    return EXIT_OK
 
 
 def batch_status(args: argparse.Namespace) -> int:

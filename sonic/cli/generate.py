@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..exits import EXIT_OK
 from ..params import DEFAULT_SEED, PrepareOptions, SampleOptions
 from . import DefaultsShown, face_box_arg
 
@@ -65,7 +66,7 @@ def add_parsers(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     print(generate(args))
-    return 0
+    return EXIT_OK
 
 
 FLAGS = {"inference_steps": "--steps", "min_resolution": "--min-resolution", "expand_ratio": "--expand-ratio",
@@ -146,7 +147,7 @@ def generate(args: argparse.Namespace) -> Path:
     with flag_names():
         plan = plan_run(models, cond, opts, DeviceMemory(usable_bytes=_free_bytes(models.device)))
     if not plan.options.stream_unet:
-        models.unet.to(models.device)
+        torch.nn.Module.to(models.unet, models.device)  # (diffusers' ModelMixin.to only adds a warning)
         plan = plan.with_free_memory(_free_bytes(models.device))
     if plan.note:
         print(f"note: {plan.note}", file=sys.stderr)
@@ -189,4 +190,5 @@ def _free_bytes(device) -> int | None:
         return None
     import torch
 
+    torch.cuda.empty_cache()  # memory PyTorch holds but does not use is free for the UNet
     return torch.cuda.mem_get_info(device)[0]

@@ -7,6 +7,7 @@ import itertools
 import json
 from pathlib import Path
 
+from ..exits import EXIT_OK
 from . import DefaultsShown, face_box_arg
 
 
@@ -25,13 +26,13 @@ def add_parsers(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     print(json.dumps(lipsync(args)))
-    return 0
+    return EXIT_OK
 
 
 def lipsync(args: argparse.Namespace) -> dict:
     """offset_s > 0: the mouth moves after the sound (delay the audio by offset_s to fix it)."""
-    from ..post import lipsync as sync
     from ..inputs.audio import read_audio
+    from ..post import lipsync as sync
     from ..post.video_io import audio_start_time, read_video
 
     fps, chunks, video_start = read_video(args.video)

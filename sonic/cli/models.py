@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..exits import EXIT_OK
 from . import DefaultsShown
 
 
@@ -48,7 +49,7 @@ def download(args: argparse.Namespace) -> int:
     else:
         print("still missing: " + "; ".join(missing))
 
-    return 0
+    return EXIT_OK
 
 
 def convert(args: argparse.Namespace) -> int:
@@ -56,4 +57,4 @@ def convert(args: argparse.Namespace) -> int:
 
     written = convert_to_safetensors(args.models, overwrite=args.overwrite)
     print("\n".join(str(p) for p in written) or "nothing to convert")
-    return 0
+    return EXIT_OK

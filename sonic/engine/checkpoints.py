@@ -22,13 +22,7 @@ from pathlib import Path
 
 import torch
 
-# the Hugging Face Hub repositories of the released files (download.py fetches from them, errors link to them)
-SONIC_REPO = "LeonJoe13/Sonic"
-SVD_REPO = "stabilityai/stable-video-diffusion-img2vid-xt"
-WHISPER_REPO = "openai/whisper-tiny"
-SONIC_URL = f"https://huggingface.co/{SONIC_REPO}"
-SVD_URL = f"https://huggingface.co/{SVD_REPO}"
-WHISPER_URL = f"https://huggingface.co/{WHISPER_REPO}"
+from ..hub import SONIC_URL, SVD_URL, WHISPER_URL
 
 SVD_DIR = "stable-video-diffusion-img2vid-xt"
 # SVD-xt's UNet and scheduler configs (public JSON), used when the models folder has no SVD folder: with

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..hashing import sha256_file
-from .checkpoints import SONIC_REPO, SVD_DIR, SVD_REPO, WHISPER_DIR, WHISPER_REPO, YOLO_FILE, ModelLayout
+from ..hub import SONIC_REPO, SVD_REPO, WHISPER_REPO
+from .checkpoints import SVD_DIR, WHISPER_DIR, YOLO_FILE, ModelLayout
 
 COMPONENTS = ("sonic", "whisper", "svd", "rife", "yolo")
 DEFAULT_COMPONENTS = COMPONENTS

@@ -94,7 +94,7 @@ def _pretrained_variant(folder: Path, stem: str, prefer_half: bool) -> str | Non
     if not (have_full or have_half):
         raise FileNotFoundError(
             f"no weights in {folder} (expected {stem}.safetensors or {stem}.fp16.safetensors); "
-            "download them from https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt"
+            f"download them from {SVD_URL}"
         )
     if have_half and (prefer_half or not have_full):
         return "fp16"

@@ -1,6 +1,7 @@
 """The run plan: what the device has, the video's size and the user's choices -> validated sampler options.
 
-Every front end (ComfyUI nodes, command line, Python) asks here how to run, so they cannot disagree:
+Every front end (the ComfyUI sampler node, the command line; Python callers may too) asks here how to run, so they
+cannot disagree:
 
 - **UNet streaming** (`offload.py`: weights in host memory, one block at a time on the device) when asked for
   (`SampleOptions.stream_unet`, `--stream-unet`), forced by the host (ComfyUI's --novram, SONIC_STREAM_UNET=1), or
@@ -40,17 +41,13 @@ class RunPlan:
     options: SampleOptions
     width: int  # of the video, pixels
     height: int
+    latent_size: tuple[int, int]  # (h, w) of the latents
     num_frames: int  # generated at 12.5 fps
     dtype: object  # the compute dtype (torch.dtype or its name)
     unet_bytes: int  # the UNet's weights
     largest_unit_bytes: int  # the largest streaming unit's weights
     rife: bool  # interpolation will run (asked for, RIFE loaded, more than one frame)
     note: str | None = None  # why a memory-saving mode was chosen (for the user); None = the official batched call
-
-    @property
-    def latent_size(self) -> tuple[int, int]:
-        """(h, w) of the latents: the VAE downsamples 8x."""
-        return self.height // 8, self.width // 8
 
     @property
     def fps(self) -> float:
@@ -101,11 +98,12 @@ def plan_run(models, cond, options: SampleOptions, device: DeviceMemory = Device
     from .offload import unet_units, unit_bytes
 
     unet_bytes = unit_bytes(models.unet)
-    largest = max(unit_bytes(unit) for unit in unet_units(models.unet))
+    largest = max((unit_bytes(unit) for unit in unet_units(models.unet)), default=0)
     width, height = cond.size
     rife = options.interpolation and models.rife is not None and cond.num_frames > 1
     base = RunPlan(options=options, width=width, height=height, num_frames=cond.num_frames, dtype=models.dtype,
-                   unet_bytes=unet_bytes, largest_unit_bytes=largest, rife=rife)
+                   unet_bytes=unet_bytes, largest_unit_bytes=largest, rife=rife,
+                   latent_size=tuple(cond.image_latents.shape[-2:]))
     low_vram_call = base.unet_call_bytes(sequential_guidance=True)
     stream, note = options.stream_unet, None  # the user's own choice needs no note
     if not stream and not options.compile:  # a compiled graph reads the weights where they were when it compiled

@@ -57,8 +57,8 @@ def scale_input(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """One Euler step sigma -> sigma_next for a v-prediction model, in float32, returned in v's dtype."""
     x32 = x.float()
-    c_skip, c_out, _ = v_scalings(sigma)
-    denoised = v * c_out + x32 * c_skip
+    _, c_out, _ = v_scalings(sigma)
+    denoised = v * c_out + x32 / (sigma**2 + 1)  # c_skip * x, divided as diffusers does (the same bits)
     derivative = (x32 - denoised) / sigma
     return (x32 + derivative * (sigma_next - sigma)).to(v.dtype)
 

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..exits import EXIT_OK
 from ..jobs.comfy_api import ComfyServer, Outcome, PromptRejected, ServerUnreachable
 from ..jobs.jobsfile import Job, Workflow
 from ..jobs.manifest import make_record, timings
@@ -183,4 +184,4 @@ def serve(broker: str, comfyui: str, concurrency: int = 1, name: str | None = No
         app.worker_main(argv)
     finally:
         stop.set()
-    return 0
+    return EXIT_OK

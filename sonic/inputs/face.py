@@ -20,6 +20,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..hub import SONIC_URL
+
 FaceBox = tuple[float, float, float, float]  # x, y, w, h in pixels
 
 
@@ -61,7 +63,7 @@ class YoloFaceDetector:
         except (RuntimeError, ValueError) as exc:
             raise ValueError(
                 f"face detector {path} could not be loaded ({exc}); download yoloface_v5m.pt again from "
-                "https://huggingface.co/LeonJoe13/Sonic or delete it to use the built-in dlib detector"
+                f"{SONIC_URL} or delete it to use the built-in dlib detector"
             ) from exc
         self.device = device
 
@@ -139,7 +141,7 @@ def make_face_detector(kind: str, yolo_path: Path, device: torch.device) -> Face
         return None
     if kind == "yolo" or (kind == "auto" and Path(yolo_path).is_file()):
         if not Path(yolo_path).is_file():
-            raise FileNotFoundError(f"face detector {yolo_path} not found; download it from https://huggingface.co/LeonJoe13/Sonic")
+            raise FileNotFoundError(f"face detector {yolo_path} not found; download it from {SONIC_URL}")
         return YoloFaceDetector(yolo_path, device)
     if kind in ("auto", "dlib"):
         return DlibFaceDetector()

@@ -1,8 +1,8 @@
-"""Run by tests/test_comfyui_svd.py inside a real ComfyUI 0.8.0 (cwd = COMFYUI_DIR): ComfyUI's own SVD VAE
+"""Run by tests/engine/test_comfyui_svd.py inside a real ComfyUI 0.8.0 (cwd = COMFYUI_DIR): ComfyUI's own SVD VAE
 (`comfy.sd.VAE`, temporal decoder) and CLIP-H vision model (`comfy.clip_vision`) against the diffusers /
 transformers networks the pack loads itself, with the same random weights at the released sizes.
 
-    python tests/comfyui_svd_check.py PACK_DIR SVD_CONFIG_DIR   (prints one JSON line)
+    python tests/engine/comfyui_svd_check.py PACK_DIR SVD_CONFIG_DIR   (prints one JSON line)
 
 ComfyUI builds both from fixed configs, recognised by their state-dict keys, so the networks must be full size.
 The VAE is made with diffusers and its weights renamed to the layout ComfyUI reads (the one of svd_xt.safetensors);

@@ -1,7 +1,7 @@
 """ComfyUI's own SVD VAE and CLIP vision classes (a real ComfyUI 0.8.0, not a stand-in) give the pack the same
 image latents, decoded frames and image embedding as the diffusers / transformers copies it loads itself.
 
-The check runs in a child process inside ComfyUI (tests/comfyui_svd_check.py): this process holds the tests'
+The check runs in a child process inside ComfyUI (tests/engine/comfyui_svd_check.py): this process holds the tests'
 `comfy` stand-in package, which would shadow the real one. Full-size networks with random weights (ComfyUI
 recognises SVD's VAE and CLIP-H only at their released sizes); about 30 s and 6 GB of RAM.
 """

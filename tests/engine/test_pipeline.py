@@ -170,7 +170,7 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("sequential", [False, True])
 def test_a_denoiser_call_never_reads_device_values_on_the_host(tiny_models, tiny_cond, sequential):
     """The UNet, the audio attention and the guidance run without one host read, so on a GPU the sampler can queue
-    the next call while this one computes (tests/test_gpu.py checks the same with CUDA's sync debug mode)."""
+    the next call while this one computes (tests/engine/test_gpu.py checks the same with CUDA's sync debug mode)."""
     from sonic.engine.sampler import schedule_from_config
 
     sigmas, timesteps = schedule_from_config(tiny_models.scheduler_config, 2)

@@ -55,7 +55,7 @@ def test_node_snapshot_matches_the_pack(comfy_env):
     if os.environ.get("SONIC_WRITE_SCHEMA") == "1":
         SCHEMA_SNAPSHOT.write_text(json.dumps(current, indent=1) + "\n")
     assert json.loads(SCHEMA_SNAPSHOT.read_text()) == current, \
-        "the nodes changed: SONIC_WRITE_SCHEMA=1 python -m pytest tests/test_fleet.py -k snapshot"
+        "the nodes changed: SONIC_WRITE_SCHEMA=1 python -m pytest tests/fleet/test_fleet.py -k snapshot"
 
 
 # -- against real servers ---------------------------------------------------------------------------------------
