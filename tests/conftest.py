@@ -1,7 +1,8 @@
 """Shared fixtures. Reference data lives in ../shared/reference (or $SONIC_REFERENCE_DIR).
 
 Tests that need it skip with a reason when it is absent, unless SONIC_REQUIRE_REFERENCE=1 (set by CI),
-in which case they fail. Likewise the lip-sync tests need Debian's espeak-ng (SONIC_REQUIRE_ESPEAK=1 in CI).
+in which case they fail. Likewise the tests that speak need Debian's espeak-ng (SONIC_REQUIRE_ESPEAK=1 in CI):
+nothing is silently substituted for what is missing (`skip_or_fail`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from servers import skip_or_fail
+
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("SONIC_REFERENCE_DIR", ROOT.parent / "shared" / "reference"))
 TINY = REFERENCE / "sonic-tiny"
@@ -23,10 +26,7 @@ TINY = REFERENCE / "sonic-tiny"
 def _need(path: Path) -> Path:
     if path.exists():
         return path
-    message = f"reference data not found at {path} (set SONIC_REFERENCE_DIR)"
-    if os.environ.get("SONIC_REQUIRE_REFERENCE") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
+    skip_or_fail(f"reference data not found at {path} (set SONIC_REFERENCE_DIR)", "SONIC_REQUIRE_REFERENCE")
 
 
 @pytest.fixture(scope="session")
@@ -71,22 +71,20 @@ def espeak():
     import talking
 
     if talking.espeak_library() is None:
-        message = "libespeak-ng not found: apt-get install espeak-ng"
-        if os.environ.get("SONIC_REQUIRE_ESPEAK") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail("libespeak-ng not found: apt-get install espeak-ng", "SONIC_REQUIRE_ESPEAK")
     return talking
 
 
 @pytest.fixture(scope="session")
 def speech_wav(tmp_path_factory) -> Path:
-    """Real speech from espeak-ng when installed, else the reference recording."""
-    out = tmp_path_factory.mktemp("speech") / "speech.wav"
+    """Real speech from the espeak-ng command. Without it the tests that use this skip (fail with
+    SONIC_REQUIRE_ESPEAK=1) rather than quietly run on another recording."""
     espeak = shutil.which("espeak-ng")
-    if espeak:
-        subprocess.run([espeak, "-w", str(out), "Hello there, this is a short test of the talking head."], check=True)
-        return out
-    return _need(TINY / "inputs" / "speech.wav")
+    if not espeak:
+        skip_or_fail("the espeak-ng command not found: apt-get install espeak-ng", "SONIC_REQUIRE_ESPEAK")
+    out = tmp_path_factory.mktemp("speech") / "speech.wav"
+    subprocess.run([espeak, "-w", str(out), "Hello there, this is a short test of the talking head."], check=True)
+    return out
 
 
 @pytest.fixture(scope="session")

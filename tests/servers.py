@@ -109,13 +109,18 @@ def start_on_a_free_port(start, attempts: int = 5):
                 raise
 
 
+def skip_or_fail(message: str, require_env: str):
+    """Skip with the reason, or fail where `require_env`=1 (CI) says the missing thing must be there."""
+    if os.environ.get(require_env) == "1":
+        pytest.fail(f"{message} ({require_env}=1)")
+    pytest.skip(message)
+
+
 def need(what: str, found, how: str, require_env: str):
+    """`found` when it is something, else skip or fail saying what is missing and how to get it."""
     if found:
         return found
-    message = f"{what} not available: {how}"
-    if os.environ.get(require_env) == "1":
-        pytest.fail(message)
-    pytest.skip(message)
+    skip_or_fail(f"{what} not available: {how}", require_env)
 
 
 def comfyui_dir() -> Path:

@@ -75,20 +75,40 @@ def test_generate_without_interpolation_and_shorter_duration(tiny_dir, tmp_path)
     assert 0 <= float(dumped["video_final"].min()) and float(dumped["video_final"].max()) <= 1
 
 
-def test_stream_unet_flag_gives_the_same_video(tiny_dir, tmp_path):
-    """--stream-unet: the UNet's weights loaded to the CPU and streamed, with --low-vram's rows (the forced path of
-    --low-vram itself)."""
-    from safetensors.torch import load_file
+class _Sampled(Exception):
+    """Raised by the sampler spy: what generate would sample with is known, nothing is generated."""
 
-    dumps = []
-    for flags in ((), ("--stream-unet",)):
-        dump = tmp_path / f"dump{len(dumps)}.safetensors"
-        result = _run(tiny_dir, tmp_path / f"v{len(dumps)}.mp4", "--steps", "1", "--no-interpolation", "--duration",
-                      "1", "--face-box", "37.25,37,76.25,76.25", "--dump", str(dump), *flags)
-        assert result.returncode == 0, result.stderr
-        dumps.append(load_file(str(dump))["final_latents"])
-    difference = (dumps[1] - dumps[0]).abs().max() / dumps[0].abs().max()
-    assert 0 < difference < 1e-3  # float noise of one row per call (measured 1.7e-4 on the engine test)
+
+@pytest.mark.parametrize("flags, stream, rows", [((), False, False), (("--low-vram",), False, True),
+                                                 (("--stream-unet",), True, True),
+                                                 (("--stream-unet", "--low-vram"), True, True)])
+def test_memory_flags_reach_the_sampler_through_the_run_plan(tiny_dir, tmp_path, tiny_models, tiny_cond, monkeypatch,
+                                                             flags, stream, rows):
+    """--stream-unet and --low-vram as the sampler receives them from `generate`, after the run plan
+    (sonic/engine/plan.py, its policy tested in tests/engine/test_plan.py): streaming implies low-VRAM rows,
+    --low-vram alone streams nothing, neither on a CPU is the official batched call. The session's tiny models
+    and conditioning stand in for loading and preparing, and the sampler is a spy: nothing is generated (that
+    streaming gives the same latents is tests/engine/test_offload.py's)."""
+    from sonic.cli import build_parser
+    from sonic.cli import generate as command
+    from sonic.engine import loader, pipeline
+
+    seen = []
+
+    def sample(models, cond, options, **kwargs):
+        seen.append((models, cond, options))
+        raise _Sampled
+
+    monkeypatch.setattr(loader, "load_models", lambda *args, **kwargs: tiny_models)
+    monkeypatch.setattr(pipeline, "prepare", lambda models, image, speech, options: tiny_cond)
+    monkeypatch.setattr(pipeline, "sample", sample)
+    args = build_parser().parse_args(["generate", *_args(tiny_dir, tmp_path), *flags])
+    with pytest.raises(_Sampled):
+        command.generate(args)
+    [(models, cond, options)] = seen
+    assert models is tiny_models and cond is tiny_cond
+    assert (options.stream_unet, options.sequential_guidance) == (stream, rows)
+    assert options.inference_steps == 1  # the other flags came through too
 
 
 def _error_of(capsys, *argv):

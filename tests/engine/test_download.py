@@ -1,7 +1,11 @@
 """`python -m sonic download` against a local server with the hub's file routes for the tiny models (loopback only).
 
 Real huggingface_hub code, real HTTP: a cut connection resumed with a Range request, a second run that fetches
-nothing, bytes corrupted in transit, a file that is not the official one, a gated repository, no network."""
+nothing, bytes corrupted in transit, a file that is not the official one, a gated repository, no network.
+
+The command runs in this process (`sonic.cli.main`, what `python -m sonic` calls), with the environment a user
+would set; one test runs the real `python -m sonic download` for what only a process shows (its exit status and
+stderr, HF_HUB_OFFLINE read from the environment at import)."""
 
 from __future__ import annotations
 
@@ -10,10 +14,13 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from servers import HubServer, free_port
+
+from sonic.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTS = "sonic,whisper,svd,rife"  # the tiny models have no YOLO detector
@@ -47,14 +54,47 @@ def hub(hub_repos):
     server.stop()
 
 
-def run(endpoint: str, models: Path, *flags: str, **env_extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(models.parent / "hf-home"), **env_extra)
-    return subprocess.run([sys.executable, "-m", "sonic", "download", "--models", str(models), *flags],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def test_download_resumes_a_cut_connection_and_a_second_run_fetches_nothing(hub, tiny_dir, tmp_path):
+@pytest.fixture
+def run(monkeypatch, capsys, tmp_path):
+    """`python -m sonic download --models MODELS FLAGS` in this process, as `run(endpoint, models, *flags, **env)`.
+
+    huggingface_hub reads HF_HUB_OFFLINE, HF_ENDPOINT and its token file's place (HF_HOME) once, when it is
+    imported (`huggingface_hub.constants`). HF_HUB_OFFLINE and the token file are set there. HF_ENDPOINT goes in
+    the environment only: sonic.engine.download reads it at each call and hands it to huggingface_hub, which swaps
+    it for its import-time `constants.ENDPOINT` in the URLs it builds (so that one must stay as imported).
+    HF_TOKEN is read at each request. No token from this machine's own login, none left over from another test."""
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "hf-home"
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+
+    def run_download(endpoint: str, models: Path, *flags: str, HF_TOKEN: str | None = None,
+                     HF_HUB_OFFLINE: str | None = None) -> Ran:
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)  # constants.ENDPOINT stays the hub's: hf_hub_url swaps it
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", HF_HUB_OFFLINE == "1")  # CI sets it for everything else
+        if HF_TOKEN is None:
+            monkeypatch.delenv("HF_TOKEN", raising=False)
+        else:
+            monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+        capsys.readouterr()
+        code = main(["download", "--models", str(models), *flags])
+        out = capsys.readouterr()
+        return Ran(code, out.out, out.err)
+
+    return run_download
+
+
+def test_download_resumes_a_cut_connection_and_a_second_run_fetches_nothing(hub, run, tiny_dir, tmp_path):
     models = tmp_path / "models"
     hub.cut.add("Sonic/unet.pth")
     first = run(hub.url, models, "--only", PARTS)
@@ -78,7 +118,7 @@ def test_download_resumes_a_cut_connection_and_a_second_run_fetches_nothing(hub,
     assert loaded.rife is not None and loaded.unet is not None
 
 
-def test_bytes_corrupted_in_transit_are_caught_by_the_hash_and_deleted(hub, tmp_path):
+def test_bytes_corrupted_in_transit_are_caught_by_the_hash_and_deleted(hub, run, tmp_path):
     models = tmp_path / "models"
     hub.garble.add("RIFE/flownet.pkl")
     bad = run(hub.url, models, "--only", "rife")
@@ -92,7 +132,7 @@ def test_bytes_corrupted_in_transit_are_caught_by_the_hash_and_deleted(hub, tmp_
     assert sha(models / "RIFE" / "flownet.pkl") == sha(hub.repos["LeonJoe13/Sonic"] / "RIFE" / "flownet.pkl")
 
 
-def test_a_file_that_is_not_the_official_one_fails_the_manifest_check(hub, hub_repos, tmp_path):
+def test_a_file_that_is_not_the_official_one_fails_the_manifest_check(hub, run, hub_repos, tmp_path):
     import torch
 
     unet = hub_repos["LeonJoe13/Sonic"] / "Sonic" / "unet.pth"
@@ -108,7 +148,7 @@ def test_a_file_that_is_not_the_official_one_fails_the_manifest_check(hub, hub_r
     assert (models / "Sonic" / "audio2token.pth").exists()  # the good files stay
 
 
-def test_fp16_fetches_the_half_precision_svd_files(hub, hub_repos, tmp_path):
+def test_fp16_fetches_the_half_precision_svd_files(hub, run, hub_repos, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -126,7 +166,7 @@ def test_fp16_fetches_the_half_precision_svd_files(hub, hub_repos, tmp_path):
     assert names == ["image_encoder/model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"]
 
 
-def test_gated_repository_says_how_to_get_access(hub, tmp_path):
+def test_gated_repository_says_how_to_get_access(hub, run, tmp_path):
     hub.gated.add("stabilityai/stable-video-diffusion-img2vid-xt")
     result = run(hub.url, tmp_path / "models", "--only", "svd")
     assert result.returncode == 2
@@ -135,14 +175,14 @@ def test_gated_repository_says_how_to_get_access(hub, tmp_path):
     assert ok.returncode == 0, ok.stderr
 
 
-def test_missing_file_on_the_server_names_it_and_the_way_out(hub, tmp_path):
+def test_missing_file_on_the_server_names_it_and_the_way_out(hub, run, tmp_path):
     result = run(hub.url, tmp_path / "models")  # every component: the tiny hub has no YOLO detector
     assert result.returncode == 2
     assert "yoloface_v5m.pt not found in LeonJoe13/Sonic" in result.stderr and "--only" in result.stderr
     assert not (tmp_path / "models" / "Sonic").exists()  # sizes are asked before anything is fetched
 
 
-def test_no_network_is_one_clear_error_and_writes_nothing(tmp_path):
+def test_no_network_is_one_clear_error_and_writes_nothing(run, tmp_path):
     models = tmp_path / "models"
     result = run(f"http://127.0.0.1:{free_port()}", models, "--only", "sonic")
     assert result.returncode == 2
@@ -153,7 +193,21 @@ def test_no_network_is_one_clear_error_and_writes_nothing(tmp_path):
     assert offline.returncode == 2 and "HF_HUB_OFFLINE" in offline.stderr
 
 
-def test_bad_component_names_the_flag(tmp_path):
+def test_the_real_command_honours_hf_hub_offline_with_one_error_line(tmp_path):
+    """The one separate process: `python -m sonic download` as a user runs it, HF_HUB_OFFLINE=1 in its environment
+    (read by huggingface_hub at import): exit status 2, one `error:` line, no traceback, nothing written."""
+    models = tmp_path / "models"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_ENDPOINT")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    result = subprocess.run([sys.executable, "-m", "sonic", "download", "--models", str(models), "--only", "sonic"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "HF_HUB_OFFLINE" in result.stderr
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr and result.stdout == ""
+    assert not models.exists() or not any(p.is_file() for p in models.rglob("*"))
+
+
+def test_bad_component_names_the_flag(run, tmp_path):
     result = run("http://127.0.0.1:9", tmp_path / "models", "--only", "sonic,unet")
     assert result.returncode == 2
     assert "--only: unknown component unet" in result.stderr

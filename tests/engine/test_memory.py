@@ -1,5 +1,7 @@
 """The working-memory estimates that the nodes pass to ComfyUI (sonic/engine/memory.py), against the peaks measured on
-the real architectures by benchmarks/stage_memory.py (recorded in benchmarks/results/stage_memory.json)."""
+the real architectures by benchmarks/stage_memory.py (recorded in benchmarks/results/stage_memory.json), and against
+what the tiny UNet's calls allocate, measured here. Nothing here recomputes memory.py's formulas from its constants:
+a wrong coefficient, a dtype not halved, or rows that do not count should fail against a measurement."""
 
 from __future__ import annotations
 
@@ -40,14 +42,78 @@ def test_estimates_cover_every_measured_peak_without_gross_waste():
     assert max(ratios) < 2.0, ratios
 
 
-def test_half_precision_halves_the_activations_and_rows_scale_linearly():
-    fixed = memory.UNET_FIXED_BYTES * memory.SLACK
-    full = memory.unet_call_bytes(3, 25, 64, 64, torch.float32) - fixed
-    half = memory.unet_call_bytes(3, 25, 64, 64, torch.float16) - fixed
-    assert half == pytest.approx(full / 2, rel=1e-6)
-    assert memory.unet_call_bytes(3, 25, 64, 64, "bf16") == memory.unet_call_bytes(3, 25, 64, 64, torch.float16)
-    one_row = memory.sampling_bytes(1, 25, 64, 64, torch.float16, sequential_guidance=True) - fixed
-    assert one_row * 3 == pytest.approx(half, rel=1e-6)
+def test_unet_estimate_grows_with_the_work_as_the_measured_peaks_do():
+    """The per-element cost, seen apart from the fixed part: between recorded UNet sizes far enough apart (3,840
+    latent elements or more), the estimate grows by at least what the measured peak grew by (else a long video
+    gets too little freed) and by at most 1.5 times it."""
+    rows = sorted(recorded("unet"), key=lambda r: r["elements"])
+    pairs = [(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]
+             if b["elements"] - a["elements"] >= 3840 and a["elements"] >= 3840]
+    assert pairs
+
+    def estimate(r):
+        return memory.unet_call_bytes(r["rows"], r["frames"], *r["latent"], torch.float32)
+
+    for a, b in pairs:
+        ratio = (estimate(b) - estimate(a)) / ((b["measured_mib"] - a["measured_mib"]) * MiB)
+        assert 1.0 <= ratio <= 1.5, (a["latent"], a["frames"], b["latent"], b["frames"], ratio)
+
+
+@pytest.fixture(scope="module")
+def unet_activations(tiny_dir, tiny_models, expected):
+    """Peak bytes of the tensors one tiny-UNet call creates (LiveTensorBytes), by (guidance rows, dtype), for the
+    official run's first call: 1 row (the low-VRAM call), 2 rows (2 windows, low-VRAM) and 3 (the batched call)."""
+    from helpers import LiveTensorBytes
+    from sonic.engine.checkpoints import ModelLayout
+    from sonic.engine.loader import load_unet
+
+    sample = expected["unet_call0.sample"]
+    all_rows, frames = sample.shape[:2]
+    unets = {torch.float32: (tiny_models.unet, tiny_models.audio_conditioning),
+             torch.bfloat16: load_unet(ModelLayout(tiny_dir / "models"), tiny_models.audio_to_tokens.token_dim,
+                                       torch.device("cpu"), torch.bfloat16)}
+    peaks = {}
+    for dtype, rows in ((torch.float32, 1), (torch.float32, 2), (torch.float32, 3), (torch.bfloat16, 1),
+                        (torch.bfloat16, 3)):
+        unet, conditioning = unets[dtype]
+        tokens = expected["unet_call0.audio_tokens"].unflatten(0, (all_rows, frames))[:rows].flatten(0, 1)
+        clip = expected["unet_call0.image_embeds"].reshape(all_rows, frames, -1)[:rows, :1]
+        tracker = LiveTensorBytes()
+        mask = expected["unet_call0.face_mask"].to(dtype)
+        with torch.no_grad(), conditioning.bind(tokens.to(dtype), frames, mask, 1.0), tracker:
+            tracker.mark()
+            unet(sample[:rows].to(dtype), expected["unet_call0.timestep"], encoder_hidden_states=clip.to(dtype),
+                 added_time_ids=expected["unet_call0.added_time_ids"][:rows].to(dtype), return_dict=False)
+        peaks[rows, dtype] = tracker.peak - tracker.at_mark
+    return peaks, frames, tuple(sample.shape[-2:])
+
+
+def test_low_vram_rows_and_half_precision_change_the_estimate_as_they_change_measured_activations(
+        unet_activations):
+    """Measured here (tiny UNet, every tensor the call creates): activations grow in proportion to the guidance
+    rows and halve in bf16 (measured: 40.7 / 84.7 / 127.0 MiB for 1 / 2 / 3 rows in fp32; 20.3 / 63.5 MiB for 1
+    / 3 rows in bf16). The estimate's low-VRAM (1 row), two-window low-VRAM (2 rows) and batched (3 rows) calls,
+    in fp32 and in half precision, must differ from each other in the same proportions within 10%: differences,
+    so the fixed part plays no role and none of memory.py's constants is read here."""
+    peaks, frames, (h, w) = unet_activations
+    fp32, bf16 = torch.float32, torch.bfloat16
+
+    def estimate(windows, dtype, low_vram):
+        return memory.sampling_bytes(windows, frames, h, w, dtype, sequential_guidance=low_vram)
+
+    def close(estimated, measured):
+        assert estimated == pytest.approx(measured, rel=0.1), (estimated, measured)
+
+    # rows: 1 -> 3 grows twice as much as 1 -> 2
+    close((estimate(1, fp32, False) - estimate(1, fp32, True)) / (estimate(2, fp32, True) - estimate(1, fp32, True)),
+          (peaks[3, fp32] - peaks[1, fp32]) / (peaks[2, fp32] - peaks[1, fp32]))
+    # half precision: the same step from 1 to 3 rows costs half as much
+    close((estimate(1, bf16, False) - estimate(1, bf16, True)) / (estimate(1, fp32, False) - estimate(1, fp32, True)),
+          (peaks[3, bf16] - peaks[1, bf16]) / (peaks[3, fp32] - peaks[1, fp32]))
+    # fp16: measured once the same as bf16 (20.3 MiB for 1 row), but ten times slower on a CPU than measuring bf16
+    close((estimate(1, "fp16", False) - estimate(1, "fp16", True)) / (estimate(1, fp32, False)
+                                                                       - estimate(1, fp32, True)),
+          (peaks[3, bf16] - peaks[1, bf16]) / (peaks[3, fp32] - peaks[1, fp32]))
 
 
 def _sampling_growth(models, cond, frames: int) -> tuple[int, int]:

@@ -1,5 +1,11 @@
 """Lip-sync calibration on synthetic talking clips: espeak-ng speech, the astronaut photo's mouth opening with
-its phonemes (tests/talking.py), and known offsets between picture and sound."""
+its phonemes (tests/talking.py), and known offsets between picture and sound.
+
+What these clips can prove: offsets *relative* to a synced clip of the same material (the bias cancels out), the
+confidence of working against failing clips, and the correction. What they cannot: the absolute zero.
+`lipsync.MOUTH_AUDIO_BIAS_S` was fitted (benchmarks/lipsync_accuracy.py) on synced clips from this same generator
+and these same espeak-ng sentences, so a synced clip reading 0 here is that calibration read back, not evidence
+that real Sonic output (no weights were available) reads 0 when it is in sync."""
 
 from __future__ import annotations
 
@@ -50,15 +56,24 @@ def test_relative_offsets_are_recovered(espeak, speeches):
     assert errors.mean() < 3  # what this method achieves here; a regression shows up long before the bound
 
 
-def test_synced_clip_reads_zero_after_the_calibrated_bias(espeak, speeches):
-    """The raw lag of synced material is the energy/opening bias (about 18 ms here); once subtracted, a synced
-    clip reads in sync and one 80 ms late reads 80 ms."""
+def test_the_calibrated_bias_is_subtracted_from_every_measurement(espeak, speeches, monkeypatch):
+    """Calibration bookkeeping, not accuracy (see the module docstring): every offset is the raw lag minus
+    MOUTH_AUDIO_BIAS_S, the raw lag does not depend on the constant, and the constant still is the raw lag of synced
+    clips of the material it was fitted on (about 18 ms; it drifts if the mouth signal or the envelope changes)."""
     speech = speeches[1]
-    synced = _measure(espeak, speech, _clip(espeak, speech, 0, seed=5))
+    synced_clip, late_clip = _clip(espeak, speech, 0, seed=5), _clip(espeak, speech, 80, seed=5)
+    synced, late = _measure(espeak, speech, synced_clip), _measure(espeak, speech, late_clip)
+    for estimate in (synced, late):
+        assert estimate.offset_s == pytest.approx(estimate.raw_offset_s - lipsync.MOUTH_AUDIO_BIAS_S, abs=1e-9)
+    # the calibration, read back on a clip of the same generator and sentences it was fitted on
     assert abs(synced.raw_offset_s - lipsync.MOUTH_AUDIO_BIAS_S) < 0.005
-    assert abs(synced.offset_s) < 0.005
-    late = _measure(espeak, speech, _clip(espeak, speech, 80, seed=5))
-    assert late.offset_s == pytest.approx(0.080, abs=0.01)
+    # the picture 80 ms late: 80 ms more raw lag (relative, so the bias plays no part)
+    assert late.raw_offset_s - synced.raw_offset_s == pytest.approx(0.080, abs=0.01)
+    # another constant shifts every offset by the difference and leaves the raw lag alone
+    monkeypatch.setattr(lipsync, "MOUTH_AUDIO_BIAS_S", lipsync.MOUTH_AUDIO_BIAS_S + 0.05)
+    moved = _measure(espeak, speech, synced_clip)
+    assert moved.raw_offset_s == synced.raw_offset_s
+    assert moved.offset_s == pytest.approx(synced.offset_s - 0.05, abs=1e-9)
 
 
 def test_confidence_separates_working_from_failing_clips(espeak, speeches):
