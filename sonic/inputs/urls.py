@@ -5,7 +5,8 @@ connection, the first and each redirect's, is made to an address checked after D
 are loopback, private, link-local (169.254.169.254, the clouds' metadata service), multicast or reserved are
 refused unless the operator allows them in SONIC_URL_ALLOW (comma-separated host names, addresses or networks in
 CIDR form, e.g. `127.0.0.1,10.0.0.0/8,minio.internal`). The socket connects to the address that was checked, so a
-second DNS answer cannot slip past. Downloads have an overall deadline and a size cap.
+second DNS answer cannot slip past. Downloads have an overall deadline, kept even against a server that sends one
+byte at a time (every socket read waits at most for what is left of it), and a size cap.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import ipaddress
 import os
 import socket
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -25,6 +27,9 @@ ALLOW_ENV = "SONIC_URL_ALLOW"
 MAX_BYTES = 200 * 2**20
 DEADLINE_S = 300.0
 READ_TIMEOUT_S = 30.0
+BLOCK = 1 << 16
+
+_sockets = threading.local()  # the socket of this thread's latest connection, for the download's deadline
 
 
 def is_url(text: str) -> bool:
@@ -82,11 +87,19 @@ class _HTTPConnection(http.client.HTTPConnection):
         super().__init__(*args, **kwargs)
         self._create_connection = _connect
 
+    def connect(self):
+        super().connect()
+        _sockets.latest = self.sock
+
 
 class _HTTPSConnection(http.client.HTTPSConnection):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._create_connection = _connect
+
+    def connect(self):
+        super().connect()
+        _sockets.latest = self.sock  # the TLS socket that wraps the checked connection
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
@@ -116,19 +129,30 @@ def fetch(url: str, folder: Path, max_bytes: int = MAX_BYTES, deadline_s: float 
     folder.mkdir(parents=True, exist_ok=True)
     suffix = Path(urllib.parse.urlparse(url).path).suffix[:8]
     fd, name = tempfile.mkstemp(dir=folder, prefix="sonic-url-", suffix=suffix)
-    target, started = Path(name), time.monotonic()
+    target, deadline = Path(name), time.monotonic() + deadline_s
+    too_slow = ValueError(f"{url} took longer than {deadline_s:g} s to download")
     try:
-        with os.fdopen(fd, "wb") as out, _opener.open(url, timeout=READ_TIMEOUT_S) as response:
+        with os.fdopen(fd, "wb") as out, _opener.open(url, timeout=min(READ_TIMEOUT_S, deadline_s)) as response:
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise ValueError(f"{url} is {int(declared) >> 20} MB, more than the {max_bytes >> 20} MB allowed")
-            size = 0
-            while block := response.read(1 << 20):
+            sock, size = _sockets.latest, 0
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise too_slow
+                sock.settimeout(min(READ_TIMEOUT_S, left))  # one read never waits past the deadline
+                try:
+                    block = response.read1(BLOCK)  # what one socket read brings, not a full block
+                except TimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise too_slow from None
+                    raise
+                if not block:
+                    break
                 size += len(block)
                 if size > max_bytes:
                     raise ValueError(f"{url} is larger than the {max_bytes >> 20} MB allowed")
-                if time.monotonic() - started > deadline_s:
-                    raise ValueError(f"{url} took longer than {deadline_s:g} s to download")
                 out.write(block)
         return target
     except urllib.error.URLError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import threading
+import time
 
 import pytest
 
@@ -18,6 +19,18 @@ def http_server(tmp_path):
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):
+            if self.path == "/drip":  # one byte every 0.3 s: never idle long enough for a per-read timeout
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                try:
+                    for _ in range(1000):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.3)
+                except OSError:  # the client gave up
+                    pass
+                return
             if self.path.startswith("/go?to="):
                 self.send_response(302)
                 self.send_header("Location", self.path[len("/go?to="):])
@@ -83,4 +96,13 @@ def test_size_cap_and_missing_files(monkeypatch, tmp_path, http_server):
         urls.fetch(f"http://127.0.0.1:{http_server}/missing.txt", tmp_path / "a")
     with pytest.raises(ValueError, match="not an http"):
         urls.fetch("file:///etc/passwd", tmp_path / "a")
+    assert not list((tmp_path / "a").iterdir())
+
+
+def test_a_slow_drip_gives_up_at_the_deadline(monkeypatch, tmp_path, http_server):
+    monkeypatch.setenv(urls.ALLOW_ENV, "127.0.0.1")
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="took longer than 1.5 s"):
+        urls.fetch(f"http://127.0.0.1:{http_server}/drip", tmp_path / "a", deadline_s=1.5)
+    assert time.monotonic() - started < 30  # at the deadline, not once the 1000 bytes are in (300 s)
     assert not list((tmp_path / "a").iterdir())
