@@ -121,8 +121,9 @@ def status(batch_uri: str, broker: str | None, wait: bool = False, as_json: bool
                     entry["running"].append(record["id"])
                 else:
                     entry[record["status"]] += 1
+            failed_jobs = [{"id": r["id"], "error": r.get("error")} for r in records.values() if r["status"] == "failed"]
             report = {"batch": descriptor["batch"], "jobs": len(ids), **counts, "workers": workers,
-                      "broker_waiting": waiting_in_queue(broker)}
+                      "failed_jobs": sorted(failed_jobs, key=lambda f: f["id"]), "broker_waiting": waiting_in_queue(broker)}
             finished = counts["done"] + counts["failed"] >= len(ids)
             if as_json and report != last:
                 print(json.dumps(report), flush=True)
@@ -134,7 +135,7 @@ def status(batch_uri: str, broker: str | None, wait: bool = False, as_json: bool
                 print(_describe(report))
             last = report
             if not wait:
-                return EXIT_OK
+                return EXIT_OK if counts["failed"] == 0 else EXIT_FAILED
             if finished:
                 break
             time.sleep(poll_s)
@@ -153,6 +154,8 @@ def status(batch_uri: str, broker: str | None, wait: bool = False, as_json: bool
         Path(manifest).write_text(text, encoding="utf-8")
     where = manifest or store.outputs.manifest_location
     if not as_json:
+        for failed in report["failed_jobs"]:
+            print(_failure_line(failed), file=sys.stderr)
         print(f"{counts['done']} done, {counts['failed']} failed; manifest: {where}", file=sys.stderr)
     else:
         print(json.dumps({"event": "finished", **counts, "manifest": where}), flush=True)
@@ -167,4 +170,10 @@ def _describe(report: dict) -> str:
     for worker, entry in sorted(report["workers"].items()):
         running = f", running {', '.join(entry['running'])}" if entry["running"] else ""
         lines.append(f"  {worker}: {entry['done']} done, {entry['failed']} failed{running}")
+    lines.extend(_failure_line(failed) for failed in report["failed_jobs"])
     return "\n".join(lines)
+
+
+def _failure_line(failed: dict) -> str:
+    reason = " ".join((failed["error"] or "no reason recorded").split())  # one line
+    return f"  failed {failed['id']}: {reason if len(reason) <= 240 else reason[:239] + '…'}"

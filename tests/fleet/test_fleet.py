@@ -206,6 +206,11 @@ def test_jobs_over_two_workers_and_a_bad_input(fleet):
     assert list(by_id) == [r["id"] for r in rows]
     bad = by_id.pop("noface")
     assert bad["status"] == "failed" and bad["attempts"] == 1 and "NoFaceError" in bad["error"]
+    # status names each failed job with its reason, and says so in its exit status
+    text = fleet.cli("status", uri)
+    assert text.returncode == 1 and "failed noface: " in text.stdout and "NoFaceError" in text.stdout, text.stdout
+    report = json.loads(fleet.cli("status", uri, "--json").stdout)
+    assert [f["id"] for f in report["failed_jobs"]] == ["noface"] and "NoFaceError" in report["failed_jobs"][0]["error"]
     for record in by_id.values():
         assert record["status"] == "done", record
         assert set(record["timings"]) == {"inputs", "queued", "running", "output"} and record["timings"]["running"] > 0
