@@ -82,7 +82,10 @@ def _connect(address, timeout=None, source_address=None):
     raise last or OSError(f"{host} has no address")
 
 
-class _HTTPConnection(http.client.HTTPConnection):
+class _Checked:
+    """A connection made only to checked addresses, remembering its socket (TLS-wrapped for https) so that the
+    download can bound each read by its deadline."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._create_connection = _connect
@@ -92,14 +95,12 @@ class _HTTPConnection(http.client.HTTPConnection):
         _sockets.latest = self.sock
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._create_connection = _connect
+class _HTTPConnection(_Checked, http.client.HTTPConnection):
+    pass
 
-    def connect(self):
-        super().connect()
-        _sockets.latest = self.sock  # the TLS socket that wraps the checked connection
+
+class _HTTPSConnection(_Checked, http.client.HTTPSConnection):
+    pass
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
