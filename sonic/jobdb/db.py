@@ -1,0 +1,390 @@
+"""Every state change of a job as one conditional statement on the job database (see `schema` for the states).
+
+A worker claims a job with one UPDATE that checks it is claimable (queued and past its backoff, or running under
+a lease that lapsed) and increments its fencing token; every later write of that attempt (heartbeat, prompt id,
+staged output, final state) names the token and changes nothing once another claim has replaced it. Leases are
+measured on the database's clock.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import and_, create_engine, event, func, insert, or_, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from .schema import attempts, batches, db_now, jobs, locks
+
+DATABASE_ENV = "SONIC_DATABASE_URL"
+
+
+class DatabaseUnavailable(ConnectionError):
+    """The job database did not answer (or refused the connection): not any job's fault."""
+
+
+def database_url(flag: str | None) -> str:
+    url = flag or os.environ.get(DATABASE_ENV)
+    if not url:
+        raise ValueError(f"give --database (sqlite:///path/jobs.db on one machine, postgresql://user@host/db for "
+                         f"many) or set {DATABASE_ENV}")
+    return url
+
+
+def _unavailable(method):
+    """Connection-level database errors become DatabaseUnavailable naming the database (never its password)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except IntegrityError:
+            raise
+        except DBAPIError as exc:
+            from sqlalchemy.exc import InterfaceError, OperationalError
+
+            if isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated:
+                reason = " ".join(str(exc.orig).split())[:300]
+                raise DatabaseUnavailable(f"the job database {self.display} is unreachable ({reason}); check "
+                                          f"--database / {DATABASE_ENV} and that the database server runs") from None
+            raise
+
+    return wrapper
+
+
+@dataclass
+class Claim:
+    """A job a worker now holds: what it needs to run it, and the token its writes must carry."""
+
+    job_id: int
+    token: int
+    name: str
+    key: str
+    spec: dict
+    attempts: int
+    batch: dict
+    staged_key: str | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+    taken_over: list[tuple[str, str]] = field(default_factory=list)  # (server, prompt id) of a lapsed attempt
+
+
+def jobs_digest(rows: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+class JobDB:
+    def __init__(self, url: str, echo: bool = False):
+        parsed = make_url(url)
+        if parsed.drivername == "postgresql":  # psycopg 3 is the driver we install
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        self.display = parsed.render_as_string(hide_password=True)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(parsed, echo=echo, connect_args={"timeout": 60})
+
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(connection, _record):
+                connection.isolation_level = None  # transactions are begun below, IMMEDIATE: writers queue up
+                cursor = connection.cursor()
+                for pragma in ("journal_mode=WAL", "busy_timeout=60000", "foreign_keys=ON", "synchronous=NORMAL"):
+                    cursor.execute(f"PRAGMA {pragma}")
+                cursor.close()
+
+            @event.listens_for(self.engine, "begin")
+            def _begin(connection):
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+        elif self.dialect == "postgresql":
+            self.engine = create_engine(parsed, echo=echo, pool_pre_ping=True, pool_size=2,
+                                        connect_args={"connect_timeout": 10})
+        else:
+            raise ValueError(f"--database {self.display}: use sqlite:///path or postgresql://user@host/db")
+
+    # -- schema ----------------------------------------------------------------------------------------------
+    @_unavailable
+    def upgrade(self) -> None:
+        from .migrate import upgrade
+
+        upgrade(self.engine)
+
+    @_unavailable
+    def check_schema(self) -> None:
+        from .migrate import check
+
+        check(self.engine, self.display)
+
+    @_unavailable
+    def now(self) -> float:
+        with self.engine.connect() as connection:
+            return connection.execute(select(db_now())).scalar_one()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- submit ----------------------------------------------------------------------------------------------
+    @_unavailable
+    def create_batch(self, batch: dict, rows: list[dict]) -> tuple[int, bool]:
+        """A batch and all its jobs in one transaction -> (batch id, created). The same batch submitted again
+        (same location, workflow and jobs) -> its id, created False; a different one at the same location ->
+        ValueError."""
+        digest = jobs_digest(rows)
+        with self.engine.begin() as connection:
+            found = connection.execute(select(batches.c.id, batches.c.jobs_digest, batches.c.workflow_digest)
+                                       .where(batches.c.uri == batch["uri"])).first()
+            if found is not None:
+                if found.jobs_digest != digest or found.workflow_digest != batch["workflow_digest"]:
+                    raise ValueError(f"batch {batch['uri']} exists already with other jobs or another workflow; "
+                                     "choose another --batch name (the same jobs file again resumes it)")
+                return found.id, False
+            now = connection.execute(select(db_now())).scalar_one()
+            batch_id = connection.execute(insert(batches).values(**batch, jobs_digest=digest, created_at=now)
+                                          .returning(batches.c.id)).scalar_one()
+            connection.execute(insert(jobs), [
+                {"batch_id": batch_id, "position": n, "state": "queued", "token": 0, "attempts": 0, "failures": 0,
+                 "not_before": 0.0, "created_at": now, **row} for n, row in enumerate(rows)])
+        return batch_id, True
+
+    @_unavailable
+    def batch(self, name_or_uri: str) -> dict:
+        """A batch by its URI (what submit printed) or its name."""
+        column = batches.c.uri if "://" in name_or_uri else batches.c.name
+        with self.engine.connect() as connection:
+            found = connection.execute(select(batches).where(column == name_or_uri.rstrip("/"))).mappings().all()
+        if not found:
+            raise ValueError(f"no batch {name_or_uri!r} in the job database {self.display}; give what `submit` printed")
+        if len(found) > 1:
+            raise ValueError(f"several batches are named {name_or_uri!r}: give the s3:// URI that submit printed")
+        return dict(found[0])
+
+    # -- doorbells -------------------------------------------------------------------------------------------
+    @_unavailable
+    def silent(self, grace_s: float, limit: int) -> list[int]:
+        """Queued, claimable jobs whose last message is older than grace_s: the broker may have lost it."""
+        now = db_now()
+        with self.engine.connect() as connection:
+            return list(connection.execute(
+                select(jobs.c.id).where(jobs.c.state == "queued", jobs.c.not_before <= now,
+                                        jobs.c.doorbell_at < now - grace_s).order_by(jobs.c.id).limit(limit)).scalars())
+
+    @_unavailable
+    def rang(self, ids: list[int]) -> None:
+        """Messages were queued for these jobs (not before their backoff ends: a message waits for none)."""
+        if not ids:
+            return
+        with self.engine.begin() as connection:
+            for start in range(0, len(ids), 1000):
+                connection.execute(update(jobs).where(jobs.c.id.in_(ids[start:start + 1000]))
+                                   .values(doorbell_at=func.max(db_now(), jobs.c.not_before)
+                                           if self.dialect == "sqlite" else func.greatest(db_now(), jobs.c.not_before)))
+
+    @_unavailable
+    def due(self, limit: int = 10_000, batch_id: int | None = None) -> list[int]:
+        """Queued jobs that became claimable after their last message (new, handed back and past their backoff,
+        lease lapsed, retried): ring them now."""
+        now = db_now()
+        query = (select(jobs.c.id).where(jobs.c.state == "queued", jobs.c.not_before <= now,
+                                         or_(jobs.c.doorbell_at.is_(None), jobs.c.doorbell_at < jobs.c.not_before))
+                 .order_by(jobs.c.id).limit(limit))
+        if batch_id is not None:
+            query = query.where(jobs.c.batch_id == batch_id)
+        with self.engine.connect() as connection:
+            return list(connection.execute(query).scalars())
+
+    # -- one attempt -----------------------------------------------------------------------------------------
+    @_unavailable
+    def claim(self, job_id: int, worker: str, server: str, lease_s: float) -> Claim | str:
+        """Take the job for one attempt -> Claim, or the reason it cannot be taken now (text)."""
+        now = db_now()
+        claimable = or_(and_(jobs.c.state == "queued", jobs.c.not_before <= now),
+                        and_(jobs.c.state == "running", jobs.c.lease_until < now))
+        with self.engine.begin() as connection:
+            row = connection.execute(
+                update(jobs).where(jobs.c.id == job_id, claimable)
+                .values(state="running", token=jobs.c.token + 1, attempts=jobs.c.attempts + 1,
+                        lease_until=now + lease_s, worker=worker, server=server, prompt_id=None, started_at=now)
+                .returning(jobs.c.token, jobs.c.name, jobs.c.key, jobs.c.spec, jobs.c.attempts, jobs.c.batch_id,
+                           jobs.c.staged_key, jobs.c.sha256, jobs.c.bytes)).first()
+            if row is None:
+                found = connection.execute(select(jobs.c.state, jobs.c.worker, jobs.c.not_before, jobs.c.lease_until,
+                                                  now.label("now")).where(jobs.c.id == job_id)).first()
+                if found is None:
+                    return "no such job in the job database"
+                if found.state == "running":
+                    return f"running on {found.worker} under a lease for {found.lease_until - found.now:.0f} s more"
+                if found.state == "queued":
+                    return f"waiting {found.not_before - found.now:.0f} s more before its next attempt"
+                return f"already {found.state}"
+            lapsed = connection.execute(
+                update(attempts).where(attempts.c.job_id == job_id, attempts.c.ended_at.is_(None),
+                                       attempts.c.token < row.token)
+                .values(ended_at=now, outcome="lease expired", error="the worker stopped renewing its lease")
+                .returning(attempts.c.server, attempts.c.prompt_id)).all()
+            connection.execute(insert(attempts).values(job_id=job_id, token=row.token, worker=worker, server=server,
+                                                       started_at=now))
+            batch = dict(connection.execute(select(batches).where(batches.c.id == row.batch_id)).mappings().one())
+        return Claim(job_id, row.token, row.name, row.key, row.spec, row.attempts, batch, row.staged_key, row.sha256,
+                     row.bytes, [(s, p) for s, p in lapsed if s and p])
+
+    def _holder(self, job_id: int, token: int):
+        return and_(jobs.c.id == job_id, jobs.c.token == token, jobs.c.state == "running")
+
+    @_unavailable
+    def heartbeat(self, job_id: int, token: int, lease_s: float) -> bool:
+        """Extend the lease -> False when this attempt no longer holds the job."""
+        with self.engine.begin() as connection:
+            return connection.execute(update(jobs).where(self._holder(job_id, token))
+                                      .values(lease_until=db_now() + lease_s)).rowcount == 1
+
+    @_unavailable
+    def note_prompt(self, job_id: int, token: int, prompt_id: str) -> bool:
+        with self.engine.begin() as connection:
+            connection.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.token == token)
+                               .values(prompt_id=prompt_id))
+            return connection.execute(update(jobs).where(self._holder(job_id, token))
+                                      .values(prompt_id=prompt_id)).rowcount == 1
+
+    @_unavailable
+    def stage(self, job_id: int, token: int, staged_key: str, sha256: str, size: int) -> bool:
+        """This attempt stored its output at staged_key -> False (nothing recorded) unless it holds the job and no
+        output was staged before (a staged output is final: later attempts only publish it)."""
+        with self.engine.begin() as connection:
+            return connection.execute(update(jobs).where(self._holder(job_id, token), jobs.c.staged_key.is_(None))
+                                      .values(staged_key=staged_key, sha256=sha256, bytes=size)).rowcount == 1
+
+    @_unavailable
+    def finish(self, job_id: int, token: int, state: str, **fields) -> bool:
+        """The attempt's end: done (fields: output_key, sha256, bytes, timings, lipsync, prompt_id) or failed
+        (error) -> False when refused (another attempt holds the job)."""
+        assert state in ("done", "failed"), state
+        now = db_now()
+        with self.engine.begin() as connection:
+            changed = connection.execute(update(jobs).where(self._holder(job_id, token))
+                                         .values(state=state, lease_until=None, finished_at=now, **fields)).rowcount
+            if changed:
+                connection.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.token == token)
+                                   .values(ended_at=now, outcome=state, error=fields.get("error")))
+            else:
+                connection.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.token == token,
+                                                          attempts.c.ended_at.is_(None))
+                                   .values(ended_at=now, outcome="fenced",
+                                           error=f"its {state} result was refused: another attempt holds the job"))
+            return changed == 1
+
+    @_unavailable
+    def release(self, job_id: int, token: int, reason: str, delay_s: float, job_failure: bool) -> str | None:
+        """Hand the job back -> its new state: 'queued' (tried again after delay_s), or 'failed' when it was the
+        job's own failure and its retries are spent; None when this attempt no longer held it. A reason that is not
+        the job's (store, database or ComfyUI unreachable) never fails it."""
+        now = db_now()
+        with self.engine.begin() as connection:
+            row = connection.execute(select(jobs.c.failures, batches.c.retries).join(batches)
+                                     .where(self._holder(job_id, token))).first()
+            if row is None:
+                return None
+            failures = row.failures + (1 if job_failure else 0)
+            state = "failed" if job_failure and failures > row.retries else "queued"
+            values = {"state": state, "failures": failures, "lease_until": None, "error": reason}
+            if state == "queued":
+                values["not_before"] = now + delay_s
+            else:
+                values["finished_at"] = now
+                values["error"] = f"{reason} (gave up after {failures} failed attempts)"
+            connection.execute(update(jobs).where(self._holder(job_id, token)).values(**values))
+            connection.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.token == token)
+                               .values(ended_at=now, outcome="retry" if job_failure else "released", error=reason))
+        return state
+
+    # -- the reconciler --------------------------------------------------------------------------------------
+    @_unavailable
+    def expire_leases(self, limit: int = 10_000) -> list[int]:
+        """Running jobs whose lease lapsed -> queued again (their next claim closes the lapsed attempt)."""
+        now = db_now()
+        with self.engine.begin() as connection:
+            ids = list(connection.execute(select(jobs.c.id).where(jobs.c.state == "running", jobs.c.lease_until < now)
+                                          .limit(limit)).scalars())
+            if ids:
+                connection.execute(update(jobs).where(jobs.c.id.in_(ids), jobs.c.state == "running",
+                                                      jobs.c.lease_until < now)
+                                   .values(state="queued", lease_until=None, not_before=now))
+        return ids
+
+    @_unavailable
+    def try_lock(self, name: str, holder: str, seconds: float) -> bool:
+        """A named lock for `seconds` (the reconciler's: one of many workers does the work of a round)."""
+        now = db_now()
+        with self.engine.begin() as connection:
+            if connection.execute(update(locks).where(locks.c.name == name, or_(locks.c.until < now,
+                                                                                 locks.c.holder == holder))
+                                  .values(holder=holder, until=now + seconds)).rowcount:
+                return True
+            try:
+                with connection.begin_nested():
+                    connection.execute(insert(locks).values(name=name, holder=holder, until=now + seconds))
+                return True
+            except IntegrityError:
+                return False
+
+    # -- status ----------------------------------------------------------------------------------------------
+    @_unavailable
+    def counts(self, batch_id: int) -> dict[str, int]:
+        with self.engine.connect() as connection:
+            found = dict(connection.execute(select(jobs.c.state, func.count()).where(jobs.c.batch_id == batch_id)
+                                            .group_by(jobs.c.state)).all())
+        return {state: found.get(state, 0) for state in ("queued", "running", "done", "failed", "cancelled")}
+
+    @_unavailable
+    def by_worker(self, batch_id: int) -> dict[str, dict]:
+        """Per worker: done and failed counts and the jobs it runs now."""
+        report: dict[str, dict] = {}
+        with self.engine.connect() as connection:
+            for worker, state, count in connection.execute(
+                    select(jobs.c.worker, jobs.c.state, func.count())
+                    .where(jobs.c.batch_id == batch_id, jobs.c.state.in_(("done", "failed")))
+                    .group_by(jobs.c.worker, jobs.c.state)):
+                report.setdefault(worker or "?", {"done": 0, "failed": 0, "running": []})[state] = count
+            for worker, name in connection.execute(select(jobs.c.worker, jobs.c.name).where(
+                    jobs.c.batch_id == batch_id, jobs.c.state == "running").order_by(jobs.c.name)):
+                report.setdefault(worker or "?", {"done": 0, "failed": 0, "running": []})["running"].append(name)
+        return report
+
+    @_unavailable
+    def failed(self, batch_id: int, limit: int | None = None) -> list[dict]:
+        query = (select(jobs.c.name, jobs.c.error).where(jobs.c.batch_id == batch_id, jobs.c.state == "failed")
+                 .order_by(jobs.c.name))
+        with self.engine.connect() as connection:
+            return [{"id": name, "error": error} for name, error in connection.execute(query.limit(limit))]
+
+    @_unavailable
+    def job_rows(self, batch_id: int) -> list[dict]:
+        with self.engine.connect() as connection:
+            return [dict(row) for row in connection.execute(select(jobs).where(jobs.c.batch_id == batch_id)
+                                                            .order_by(jobs.c.position)).mappings()]
+
+    @_unavailable
+    def attempt_rows(self, job_id: int) -> list[dict]:
+        with self.engine.connect() as connection:
+            return [dict(row) for row in connection.execute(select(attempts).where(attempts.c.job_id == job_id)
+                                                            .order_by(attempts.c.id)).mappings()]
+
+    @_unavailable
+    def retry_failed(self, batch_id: int) -> int:
+        """Failed jobs of a batch -> queued with fresh retries (an operator's decision, kept in the attempts)."""
+        now = db_now()
+        with self.engine.begin() as connection:
+            ids = list(connection.execute(select(jobs.c.id, jobs.c.token).where(jobs.c.batch_id == batch_id,
+                                                                               jobs.c.state == "failed")).all())
+            for job_id, token in ids:
+                connection.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "failed")
+                                   .values(state="queued", failures=0, not_before=now, doorbell_at=None,
+                                           error=None, finished_at=None))
+                connection.execute(insert(attempts).values(job_id=job_id, token=token, started_at=now, ended_at=now,
+                                                           outcome="retry-failed", error="queued again by --retry-failed"))
+        return len(ids)
+

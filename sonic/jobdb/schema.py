@@ -1,0 +1,115 @@
+"""The job database's tables. Times are seconds since the epoch from the database's own clock (`db_now`), so that
+leases do not depend on the workers' clocks agreeing.
+
+States only move forward: queued -> running -> done | failed | cancelled; running -> queued when a lease lapses or
+the worker hands the job back for a reason that is not the job's (store, database, ComfyUI unreachable); failed ->
+queued only by an operator's `--retry-failed` (recorded in the attempts table).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (JSON, BigInteger, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text,
+                        UniqueConstraint)
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+FINAL = ("done", "failed", "cancelled")
+
+metadata = MetaData(naming_convention={"ix": "ix_%(table_name)s_%(column_0_N_name)s",
+                                       "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+                                       "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+                                       "pk": "pk_%(table_name)s"})
+
+batches = Table(
+    "batches", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("uri", String(1024), nullable=False, unique=True),  # where the outputs go: s3://bucket/prefix/<name>
+    Column("tenant", String(128)),
+    Column("workflow", JSON, nullable=False),  # the API-format prompt every job binds its inputs into
+    Column("workflow_name", String(256), nullable=False),
+    Column("workflow_digest", String(64), nullable=False),
+    Column("schema", JSON, nullable=False),  # the node inputs the jobs' columns bind to
+    Column("jobs_digest", String(64), nullable=False),  # the submitted jobs: a re-submit must match
+    Column("retries", Integer, nullable=False),
+    Column("backoff_s", Float, nullable=False),
+    Column("url_expiry_s", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Integer, primary_key=True),  # what a queue message carries, and nothing else
+    Column("batch_id", Integer, ForeignKey("batches.id"), nullable=False),
+    Column("name", String(256), nullable=False),  # the jobs file's id
+    Column("position", Integer, nullable=False),
+    Column("key", String(64), nullable=False),  # digest of inputs + parameters + workflow
+    Column("spec", JSON, nullable=False),  # inputs (kind, location, sha256) and parameters
+    Column("image_key", String(1024)),  # inputs' object keys and sha256, for audit
+    Column("image_sha256", String(64)),
+    Column("audio_key", String(1024)),
+    Column("audio_sha256", String(64)),
+    Column("state", String(16), nullable=False),
+    Column("token", Integer, nullable=False),  # fencing token: incremented by every claim
+    Column("attempts", Integer, nullable=False),  # claims that ran (or started to)
+    Column("failures", Integer, nullable=False),  # attempts that failed for a reason of the job's own
+    Column("not_before", Float, nullable=False),  # backoff: not claimable before
+    Column("lease_until", Float),
+    Column("doorbell_at", Float),  # last time a message was queued for it
+    Column("worker", String(256)),
+    Column("server", String(1024)),
+    Column("prompt_id", String(64)),
+    Column("staged_key", String(1024)),  # the current token holder's stored output, before it is final
+    Column("output_key", String(1024)),
+    Column("sha256", String(64)),
+    Column("bytes", BigInteger),
+    Column("timings", JSON),
+    Column("lipsync", JSON),
+    Column("error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    UniqueConstraint("batch_id", "name"),
+    Index(None, "batch_id", "state"),
+    Index(None, "state", "not_before"),
+)
+
+attempts = Table(
+    "attempts", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("token", Integer, nullable=False),
+    Column("worker", String(256)),
+    Column("server", String(1024)),
+    Column("prompt_id", String(64)),
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float),
+    Column("outcome", String(32)),  # done, failed, released, retry, lease expired, fenced, retry-failed
+    Column("error", Text),
+    Index(None, "job_id"),
+)
+
+locks = Table(
+    "locks", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(256), nullable=False),
+    Column("until", Float, nullable=False),
+)
+
+
+class db_now(FunctionElement):
+    """The database server's clock, in seconds since the epoch (fractional)."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(db_now)
+def _now_postgresql(element, compiler, **kw):
+    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+
+
+@compiles(db_now, "sqlite")
+def _now_sqlite(element, compiler, **kw):
+    return "((julianday('now') - 2440587.5) * 86400.0)"
