@@ -4,23 +4,46 @@ output folder, shown in the node as a playable video."""
 from __future__ import annotations
 
 import os
+import re
 
 from . import comfy
 from .types import audio_to_numpy, video_source
 
+# in an http(s) URL anywhere in a text, what signed links keep their secrets in (X-Amz-Signature, X-Amz-Credential,
+# tokens): the query, and a user:password@ before the host
+_URL_QUERY = re.compile(r"(?i)\b(https?://[^\s?#\"'<>]*)\?[^\s#\"'<>]+")
+_URL_USERINFO = re.compile(r"(?i)\b(https?://)[^\s/?#@\"'<>]+@")
+
+
+def redact_url_queries(value):
+    """`value` (JSON-like) with the query of every http(s) URL in its texts replaced by `<redacted>` (a
+    user:password@ too); everything else, structure included, as it was."""
+    if isinstance(value, str):
+        if "://" not in value:
+            return value
+        return _URL_USERINFO.sub(r"\1<redacted>@", _URL_QUERY.sub(r"\1?<redacted>", value))
+    if isinstance(value, dict):
+        return {key: redact_url_queries(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_url_queries(item) for item in value]
+    return value
+
+
 def generation_metadata(prompt, extra_pnginfo) -> dict[str, str]:
-    """ComfyUI's prompt and workflow (dropping the MP4 on ComfyUI restores the graph) and the Sonic settings."""
+    """ComfyUI's prompt and workflow (dropping the MP4 on ComfyUI restores the graph) and the Sonic settings, with
+    the queries of URLs in them redacted: a signed link typed into a loader does not travel with the video."""
     import json
 
     meta = {}
     if prompt:
+        prompt = redact_url_queries(prompt)
         meta["prompt"] = json.dumps(prompt)
         sonic = {node["class_type"]: {k: v for k, v in node.get("inputs", {}).items() if not isinstance(v, list)}
                  for node in prompt.values() if str(node.get("class_type", "")).startswith("Sonic")}
         if sonic:
             meta["sonic_parameters"] = json.dumps(sonic)
     for key, value in (extra_pnginfo or {}).items():
-        meta[key] = json.dumps(value)
+        meta[key] = json.dumps(redact_url_queries(value))
     return meta
 
 

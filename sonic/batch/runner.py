@@ -2,7 +2,8 @@
 
 Each server's queue is kept shallow (its running job plus one waiting), so a slow or dead server never hoards
 work, and a new job goes to the least loaded server. Every attempt runs in a thread of its own: inputs to the
-server (uploaded once per content per server, URLs as they are, s3:// as presigned links), the prompt followed on
+server (uploaded once per content per server; s3:// objects downloaded here with the store's credentials and
+uploaded the same way, so no presigned link or key id enters a prompt; URLs as they are), the prompt followed on
 the websocket, the MP4 fetched through /view and stored. The main thread alone decides: retries with backoff on
 another server for transient failures (server gone or restarted, out of memory), none for a job's own bad input;
 it writes the manifest, shows progress, and on Ctrl-C takes this batch's prompts out of the servers' queues.
@@ -14,6 +15,7 @@ import json
 import queue
 import signal
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -29,7 +31,7 @@ from ..exits import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK
 from ..jobs.comfy_api import ComfyServer, Outcome, PromptRejected, ServerUnreachable
 from ..jobs.jobsfile import Job, JobsError, Workflow, load_jobs
 from ..jobs.manifest import Manifest, make_record, timings
-from ..jobs.storage import INPUT_URL_EXPIRY_S, S3, LocalOutputs, S3Outputs
+from ..jobs.storage import S3, LocalOutputs, S3Outputs
 
 DEPTH = 2  # prompts of ours per server: the running one and one waiting
 PROBE_S = 5.0  # how often a server that stopped answering is asked again
@@ -64,7 +66,7 @@ class Lane:
     ours: int = 0  # prompts of this batch queued or running there
     next_probe: float = 0.0
     last_used: float = 0.0
-    uploads: dict = field(default_factory=dict)  # input sha256 -> name in the server's input folder
+    uploads: dict = field(default_factory=dict)  # input sha256, and s3:// URI, -> name in the server's input folder
     upload_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -244,13 +246,34 @@ class Batch:
         if source.kind == "url":
             return "", source.location
         if source.kind == "s3":
-            return "", self.s3.presign(source.location, INPUT_URL_EXPIRY_S)
+            return self._s3_input(source, lane), ""
         with lane.upload_lock:
             name = lane.uploads.get(source.sha256)
             if name is None:
                 name = lane.server.upload(Path(source.location), f"{source.sha256[:24]}{source.suffix}", UPLOAD_SUBFOLDER)
                 lane.uploads[source.sha256] = name
         return name, ""
+
+    def _s3_input(self, source, lane: Lane) -> str:
+        """An s3:// input downloaded with the store's credentials (into a temporary folder, removed once uploaded)
+        and uploaded like a local file: once per object and per content per server."""
+        with lane.upload_lock:
+            name = lane.uploads.get(source.location)
+            if name is None:
+                with tempfile.TemporaryDirectory(prefix="sonic-batch-input-") as folder:
+                    path = Path(folder) / f"input{source.suffix}"
+                    try:
+                        sha256, _ = self.s3.download(source.location, path)
+                    except Exception as exc:  # no such object (FileNotFoundError), no access: the job's own input
+                        if _unreachable(exc):  # the store did not answer: transient, retried
+                            raise OSError(f"downloading {source.location}: {exc}") from exc
+                        raise
+                    name = lane.uploads.get(sha256)  # the same bytes as a local file or another object
+                    if name is None:
+                        name = lane.server.upload(path, f"{sha256[:24]}{source.suffix}", UPLOAD_SUBFOLDER)
+                        lane.uploads[sha256] = name
+                lane.uploads[source.location] = name
+        return name
 
     def _attempt(self, task: Task, lane: Lane) -> None:
         job, post = task.job, self.messages.put
@@ -267,6 +290,8 @@ class Batch:
             outcome = Outcome("error", "", error=f"rejected by {lane.url}: {exc}")
         except ServerUnreachable as exc:
             outcome = Outcome("lost", "", error=str(exc), transient=True)
+        except FileNotFoundError as exc:  # an input that is gone (an s3:// object, a file deleted since the check)
+            outcome = Outcome("error", "", error=f"input not found: {exc}")
         except (OSError, urllib.error.HTTPError) as exc:
             outcome = Outcome("error", "", error=f"{type(exc).__name__}: {exc}", transient=True)
         except Exception as exc:  # noqa: BLE001 (reported as this job's failure; the batch goes on)
@@ -441,6 +466,14 @@ class Batch:
         self.events.write(f"cancelled; the manifest {self.manifest.location} records what finished. "
                           "Run the same command again to resume.")
         return EXIT_CANCELLED
+
+
+def _unreachable(exc: Exception) -> bool:
+    """A boto3 failure to reach the store (connection, timeout, retries spent), not an answer such as 403."""
+    from boto3.exceptions import RetriesExceededError, S3TransferFailedError
+    from botocore.exceptions import ConnectionError, HTTPClientError
+
+    return isinstance(exc, (ConnectionError, HTTPClientError, RetriesExceededError, S3TransferFailedError))
 
 
 def run(settings: Settings) -> int:

@@ -1,12 +1,16 @@
-"""Where a batch's outputs go (a local folder or s3://bucket/prefix) and how s3:// inputs reach a server.
+"""Where a batch's outputs go (a local folder or s3://bucket/prefix), and s3:// objects read, copied and deleted
+with the store's credentials.
 
 S3 goes through boto3 (optional extra `sonic-portrait[s3]`, imported only when an s3:// location is used), so the
 same code talks to AWS S3, Aliyun OSS, MinIO, Cloudflare R2 and Tencent COS (`--s3-endpoint`). Credentials come
-from boto3's standard chain (AWS_* variables, profiles, STS session tokens), never from a jobs file.
+from boto3's standard chain (AWS_* variables, profiles, STS session tokens), never from a jobs file. s3:// inputs
+are downloaded here and uploaded to a server like local files: no presigned link (signature, access key id) ever
+goes into a prompt, where ComfyUI's /history and the MP4's embedded prompt would keep it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import uuid
@@ -14,8 +18,22 @@ from pathlib import Path
 
 from ..hashing import sha256_file
 
-INPUT_URL_EXPIRY_S = 6 * 3600  # presigned input links: a job waits at most about one job in a server's queue
+INPUT_URL_EXPIRY_S = 6 * 3600  # presigned input links (sonic/fleet only; the batch runner uploads s3:// inputs)
+MAX_URL_EXPIRY_S = 7 * 24 * 3600  # SigV4's limit on a presigned link's lifetime (604800 s)
 MULTIPART_THRESHOLD = 16 * 2**20
+MISSING = ("404", "NoSuchKey", "NotFound")
+
+log = logging.getLogger(__name__)
+_session_token_warned = False
+
+
+def check_url_expiry(expiry_s) -> int:
+    """A presigned link's lifetime in whole seconds, 1 s .. 7 days (SigV4 signs nothing longer)."""
+    seconds = int(expiry_s)
+    if not 1 <= seconds <= MAX_URL_EXPIRY_S:
+        raise ValueError(f"--url-expiry {expiry_s}: presigned links last 1 to {MAX_URL_EXPIRY_S} seconds (7 days, "
+                         "the most an S3 SigV4 signature allows)")
+    return seconds
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -40,13 +58,29 @@ class S3:
             raise RuntimeError("s3:// locations need boto3: pip install 'sonic-portrait[s3]' (or pip install boto3)") from None
         config = Config(signature_version="s3v4", s3={"addressing_style": addressing},
                         retries={"max_attempts": 5, "mode": "standard"})
-        self.client = boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
+        self.session = boto3.session.Session()
+        self.client = self.session.client("s3", endpoint_url=endpoint_url or None, config=config)
         self.transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
 
     def presign(self, uri: str, expiry_s: int) -> str:
+        """A GET link that works without credentials for `expiry_s` seconds (at most 7 days)."""
+        seconds = check_url_expiry(expiry_s)
+        self._warn_if_temporary_credentials()
         bucket, key = split_s3(uri)
         return self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
-                                                  ExpiresIn=int(expiry_s))
+                                                  ExpiresIn=seconds)
+
+    def _warn_if_temporary_credentials(self) -> None:
+        """A link signed with STS credentials dies with their session, whatever its X-Amz-Expires says."""
+        global _session_token_warned
+        if _session_token_warned:
+            return
+        credentials = self.session.get_credentials()
+        if credentials is not None and credentials.get_frozen_credentials().token:
+            _session_token_warned = True
+            log.warning("the S3 credentials are temporary (they carry a session token, e.g. from STS or an "
+                        "assumed role): presigned links stop working when that session expires, whatever "
+                        "--url-expiry says; sign with long-term credentials for links that must last")
 
     def head(self, uri: str) -> dict | None:
         """Size and user metadata (lower-case keys) of an object, or None when there is none."""
@@ -56,7 +90,7 @@ class S3:
         try:
             reply = self.client.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _code(exc) in MISSING:
                 return None
             raise
         return {"bytes": reply["ContentLength"], "metadata": {k.lower(): v for k, v in reply.get("Metadata", {}).items()}}
@@ -66,6 +100,46 @@ class S3:
         self.client.upload_file(str(path), bucket, key, Config=self.transfer,
                                 ExtraArgs={"Metadata": metadata, "ContentType": content_type})
 
+    def download(self, uri: str, path: Path) -> tuple[str, int]:
+        """The object to `path` (written under a temporary name beside it, then renamed); -> (sha256, bytes).
+        FileNotFoundError when there is no such object."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        path = Path(path)
+        temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            self.client.download_file(bucket, key, str(temp), Config=self.transfer)
+            digest = sha256_file(temp)
+            os.replace(temp, path)
+        except ClientError as exc:
+            if _code(exc) in MISSING:
+                raise FileNotFoundError(f"{uri} does not exist (no such object in bucket {bucket!r})") from None
+            raise
+        finally:
+            temp.unlink(missing_ok=True)
+        return digest
+
+    def copy(self, src_uri: str, dst_uri: str) -> None:
+        """Server-side copy (nothing passes through here) keeping the content type and user metadata; objects
+        up to 5 GB (one CopyObject)."""
+        from botocore.exceptions import ClientError
+
+        src_bucket, src_key = split_s3(src_uri)
+        bucket, key = split_s3(dst_uri)
+        try:
+            self.client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": src_bucket, "Key": src_key},
+                                    MetadataDirective="COPY")
+        except ClientError as exc:
+            if _code(exc) in MISSING:
+                raise FileNotFoundError(f"{src_uri} does not exist (no such object to copy)") from None
+            raise
+
+    def delete(self, uri: str) -> None:
+        """Remove an object (no error when there is none, as S3 itself)."""
+        bucket, key = split_s3(uri)
+        self.client.delete_object(Bucket=bucket, Key=key)
+
     def read(self, uri: str) -> bytes | None:
         from botocore.exceptions import ClientError
 
@@ -73,7 +147,7 @@ class S3:
         try:
             return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _code(exc) in MISSING:
                 return None
             raise
 
@@ -102,6 +176,10 @@ class S3:
                              "check the bucket name, AWS_* credentials and --s3-endpoint") from None
         except BotoCoreError as exc:
             raise ValueError(f"{uri}: {exc}; check AWS_* credentials and --s3-endpoint") from None
+
+
+def _code(exc) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 class LocalOutputs:
@@ -139,7 +217,7 @@ class S3Outputs:
 
     def __init__(self, s3: S3, uri: str, url_expiry_s: int, check: bool = True):
         bucket, prefix = split_s3(uri)
-        self.s3, self.url_expiry_s = s3, url_expiry_s
+        self.s3, self.url_expiry_s = s3, check_url_expiry(url_expiry_s)  # before any job runs
         self.base = f"s3://{bucket}/{prefix.strip('/')}".rstrip("/")
         self.manifest_location = f"{self.base}/manifest.jsonl"
         if check:

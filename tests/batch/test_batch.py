@@ -246,6 +246,13 @@ def _check_mp4(path: Path) -> dict:
     return info
 
 
+SECRETS = ("X-Amz", "Signature", "Credential", S3Server.KEY)  # what a presigned link would carry
+
+
+def _secrets_in(text: str) -> list[str]:
+    return [secret for secret in SECRETS if secret.lower() in text.lower()]
+
+
 def _sampler_seed(prompt: dict) -> int:
     return next(n["inputs"]["seed"] for n in prompt.values() if n["class_type"] == "SonicSampler")
 
@@ -259,12 +266,13 @@ def test_mixed_batch_over_two_servers_then_resume(world):
          "seed": 13, **FAST},
         {"id": "no-face", "image": "noface.png", "audio": "speech.wav", "seed": 14, **FAST},
         {"id": "url-wav", "image": "portrait.png", "audio": f"{files.url}/speech.wav", "seed": 15, **FAST},
+        {"id": "s3-missing", "image": "s3://inputs/speech-lab/nobody.png", "audio": "speech.wav", "seed": 16, **FAST},
     ]
     jobs = _write(material / "mixed.jsonl", rows)
     out = world["top"] / "out-mixed"
     args = [str(jobs), *_servers(world), "--out", str(out), "--json", "--backoff", "0.2"]
     done = run_batch(world, *args)
-    assert done.returncode == 1, done.stderr  # one job failed
+    assert done.returncode == 1, done.stderr  # two jobs failed
     events = _events(done.stdout)
     records = {r["id"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
     assert sorted(records) == sorted(r["id"] for r in rows)
@@ -275,6 +283,10 @@ def test_mixed_batch_over_two_servers_then_resume(world):
             assert record["error"].startswith("SonicPreData (node 4): NoFaceError: no face") and "face box" in record["error"]
             assert not (out / "no-face.mp4").exists()
             continue
+        if row["id"] == "s3-missing":  # the job's own bad input, found before anything is queued: never retried
+            assert record["status"] == "failed" and record["attempts"] == 1, record
+            assert "s3://inputs/speech-lab/nobody.png does not exist" in record["error"], record
+            continue
         assert record["status"] == "done", record
         video = out / f"{row['id']}.mp4"
         assert record["output"] == str(video) and record["bytes"] == video.stat().st_size
@@ -283,11 +295,25 @@ def test_mixed_batch_over_two_servers_then_resume(world):
         assert (info["video_codec"], info["audio_codec"], info["frames"], info["fps"]) == ("h264", "aac", 23, 25.0)
         assert abs(info["audio_s"] - 23 / 25) < 0.05  # the sound is as long as the picture (1 s asked, 0.92 s made)
         assert _sampler_seed(info["prompt"]) == row["seed"]  # each job's own seed reached the sampler
+        if row["id"] == "s3-both":  # s3:// inputs were downloaded by the runner and uploaded like local files
+            loaders = [n["inputs"] for n in info["prompt"].values()
+                       if n["class_type"] in ("SonicLoadImage", "SonicLoadAudio")]
+            assert [(n["path_or_url"], n.get("image", n.get("audio", ""))[:12]) for n in loaders] == \
+                [("", "sonic-batch/")] * 2, loaders
+            import av
+
+            with av.open(str(video)) as container:
+                embedded = json.dumps([container.metadata, *(stream.metadata for stream in container.streams)])
+            assert "prompt" in embedded and not _secrets_in(embedded), _secrets_in(embedded)
         local = material / row["image"]
         assert record["image"] == (str(local) if local.is_file() else row["image"])  # inputs as found
         assert record["params"]["seed"] == row["seed"]
         assert isinstance(record["offset"], float) and isinstance(record["confidence"], float)
     assert {r["server"] for r in records.values()} == {s.url for s in world["servers"]}  # both servers worked
+    for server in world["servers"]:  # no signed link, nor the store's key id, was ever given to a server
+        history = urllib.request.urlopen(server.url + "/history", timeout=30).read().decode()
+        assert "s3-both" in history or records["s3-both"]["server"] != server.url
+        assert not _secrets_in(history), (server.url, _secrets_in(history))
     assert [e["event"] for e in events].count("queued") == 5 and any(e["event"] == "progress" for e in events)
     assert not [p for p in out.iterdir() if p.name.endswith(".part")]
     # the same local file went to each server once, whatever the number of jobs using it
@@ -306,7 +332,7 @@ def test_mixed_batch_over_two_servers_then_resume(world):
     (out / "url-wav.mp4").unlink()
     third = run_batch(world, *args, "--retry-failed")
     ran = [e["id"] for e in _events(third.stdout) if e["event"] in ("done", "failed")]
-    assert sorted(ran) == ["no-face", "url-wav"] and third.returncode == 1
+    assert sorted(ran) == ["no-face", "s3-missing", "url-wav"] and third.returncode == 1
     assert (out / "url-wav.mp4").is_file()
 
 

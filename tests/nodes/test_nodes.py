@@ -518,6 +518,50 @@ def test_video_encode_metadata_and_bad_frames(comfy_env):
     assert sorted(p.name for p in (comfy_env["base"] / "output" / "meta").iterdir()) == ["clip_00001_.mp4"]
 
 
+def test_video_metadata_redacts_signed_url_queries(comfy_env):
+    """A signed link typed into a loader (S3 presigned, a token in the query) does not travel inside the MP4;
+    everything else of the prompt and workflow stays, so dropping the MP4 on ComfyUI still restores the graph."""
+    import json
+
+    import av
+
+    video = comfy_env["pack"].nodes.video
+    signed = ("https://studio.s3.eu-west-1.amazonaws.com/in/anna.png?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+              "&X-Amz-Credential=AKIAEXAMPLEKEYID%2F20260101%2Feu-west-1%2Fs3%2Faws4_request&X-Amz-Date=20260101T000000Z"
+              "&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Signature=0123456789abcdef")
+    token = "http://media.local:8080/voice/intro.wav?token=s3cr3t&expires=99"
+    prompt = {"1": {"class_type": "SonicLoadImage", "inputs": {"image": "portrait.png", "path_or_url": signed}},
+              "2": {"class_type": "SonicLoadAudio", "inputs": {"audio": "speech.wav", "path_or_url": token}},
+              "3": {"class_type": "SonicVideoEncode", "inputs": {"watermark": "Studio X", "crf": 18,
+                                                                  "filename_prefix": "redact/signed", "audio": ["2", 0]}},
+              "4": {"class_type": "SonicLoadImage", "inputs": {"image": "portrait.png",
+                                                               "path_or_url": "https://cdn.example.com/bob.jpg"}}}
+    workflow = {"nodes": [{"id": 1, "type": "SonicLoadImage", "widgets_values": ["portrait.png", "image", signed]},
+                          {"id": 2, "type": "SonicLoadAudio", "widgets_values": ["speech.wav", token, 0.5]}],
+                "links": [[1, 2, 0, 3, 0, "AUDIO"]], "extra": {"note": f"from {token} today"}}
+    meta = video.generation_metadata(prompt, {"workflow": workflow})
+    assert set(meta) == {"prompt", "sonic_parameters", "workflow"}
+    text = " ".join(meta.values())
+    for secret in ("X-Amz", "Signature", "Credential", "AKIAEXAMPLEKEYID", "token=", "s3cr3t"):
+        assert secret not in text, secret
+    kept = json.loads(meta["prompt"])
+    assert kept["1"]["inputs"]["path_or_url"] == "https://studio.s3.eu-west-1.amazonaws.com/in/anna.png?<redacted>"
+    assert kept["2"]["inputs"]["path_or_url"] == "http://media.local:8080/voice/intro.wav?<redacted>"
+    assert kept["4"] == prompt["4"] and kept["3"] == prompt["3"]  # plain values and links unchanged
+    assert json.loads(meta["sonic_parameters"])["SonicLoadImage"]["path_or_url"] == "https://cdn.example.com/bob.jpg"
+    restored = json.loads(meta["workflow"])
+    assert restored["nodes"][0]["widgets_values"] == ["portrait.png", "image", kept["1"]["inputs"]["path_or_url"]]
+    assert restored["nodes"][1]["widgets_values"][2] == 0.5 and restored["links"] == workflow["links"]
+    assert restored["extra"]["note"] == "from http://media.local:8080/voice/intro.wav?<redacted> today"
+    assert prompt["1"]["inputs"]["path_or_url"] == signed  # the prompt itself is untouched
+    # and in the written file
+    out = _node(comfy_env, "SonicVideoEncode").encode(25.0, filename_prefix="redact/signed", images=torch.rand(2, 32, 32, 3),
+                                                      prompt=prompt, extra_pnginfo={"workflow": workflow})
+    with av.open(out["result"][0]) as container:
+        embedded = " ".join(container.metadata.values())
+    assert "<redacted>" in embedded and "X-Amz" not in embedded and "s3cr3t" not in embedded
+
+
 def _frames_file(comfy_env, clip, fps, audio):
     """A SONIC_FRAMES value (as the sampler's frames-file output) holding the uint8 clip [N, H, W, 3]."""
     import importlib
