@@ -8,7 +8,8 @@ jobs (new seeds each run, so ComfyUI's cache never answers) go:
 1. through `python -m sonic batch --out s3://...` on server A alone;
 2. through `submit` to one worker (server A);
 3. through `submit` to two workers (servers A and B).
-Times run from the command's start to the last job's record in the store (polled every 0.1 s).
+Times run from the command's start to the last job's MP4 published in the store (polled every 0.1 s); the
+fleet's job database is a SQLite file.
 Results go to benchmarks/results/fleet_throughput.json.
 """
 
@@ -44,7 +45,8 @@ def main() -> None:
     redis = Redis(top / "redis").start()
     s3 = S3Server(top / "s3", ("bench",))
     comfy = [ComfyUI(top / name, args.reference, threads=1).start() for name in ("a", "b")]
-    env = {**os.environ, **s3.env, "SONIC_BROKER_URL": redis.url, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **s3.env, "SONIC_BROKER_URL": redis.url, "PYTHONPATH": str(ROOT),
+           "SONIC_DATABASE_URL": f"sqlite:///{top / 'jobs.db'}"}
     workers, results = [], {"jobs": args.jobs, "steps": args.steps, "cpu_count": os.cpu_count()}
     client = s3.client()
 
@@ -59,14 +61,16 @@ def main() -> None:
         return subprocess.run([sys.executable, "-m", "sonic", *argv], env=env, cwd=top, capture_output=True,
                               text=True, check=True)
 
-    def wait_records(prefix: str, count: int) -> None:
-        while len(client.list_objects_v2(Bucket="bench", Prefix=prefix).get("Contents", [])) < count:
+    def wait_outputs(prefix: str, count: int) -> None:
+        """Until `count` jobs' MP4s are published under prefix (attempt objects do not count)."""
+        while sum(item["Key"].endswith(".mp4") and "/attempts/" not in item["Key"]
+                  for item in client.list_objects_v2(Bucket="bench", Prefix=prefix).get("Contents", [])) < count:
             time.sleep(0.1)
 
     def fleet(name: str, seed0: int) -> float:
         started = time.perf_counter()
         sonic("submit", str(jobs_file(name, seed0)), "--out", "s3://bench/fleet", "--batch", name)
-        wait_records(f"fleet/{name}/records/", args.jobs)
+        wait_outputs(f"fleet/{name}/", args.jobs)
         return time.perf_counter() - started
 
     def start_worker(server: ComfyUI) -> None:

@@ -3,15 +3,16 @@
 Importing this module is cheap (no torch): heavy imports happen inside the node functions.
 """
 
-from .comfy import install_examples, register_model_folder
+from .comfy import install_examples, register_model_folder, register_routes
 from .loaders import SonicLoadAudio, SonicLoadImage
-from .model import SonicModelLoader
+from .model import SonicModelLoader, model_report
 from .postprocess import SonicLipSyncCalibrate, SonicSmoothMotion
 from .sampling import SonicPreDataNode, SonicSamplerNode
 from .video import SonicVideoEncode
 
 register_model_folder()
 install_examples()
+register_routes(model_report)
 
 NODE_CLASS_MAPPINGS = {
     "SonicLoadImage": SonicLoadImage,

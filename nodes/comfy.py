@@ -34,6 +34,28 @@ def register_model_folder() -> None:
         fp.folder_names_and_paths[SONIC_FOLDER] = ([default], set(fp.supported_pt_extensions))
 
 
+def register_routes(model_report) -> None:
+    """`GET /sonic/models?unet=&interpolation=&svd_weights=`: which model files this ComfyUI has and lacks, so
+    that a fleet worker takes no job its ComfyUI cannot run (the loader's choice list names the standard UNet
+    even when it is absent). Names are relative to models/sonic; nothing else about the machine is told."""
+    try:
+        from aiohttp import web
+        from server import PromptServer
+    except ImportError:  # not running inside ComfyUI
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        return
+
+    @instance.routes.get("/sonic/models")
+    async def sonic_models(request):
+        def flag(name: str) -> bool:
+            return request.query.get(name, "true").lower() not in ("false", "0", "no")
+
+        return web.json_response(model_report(request.query.get("unet") or None, flag("interpolation"),
+                                              flag("svd_weights")))
+
+
 def install_examples() -> None:
     """Copy the pack's example portrait and speech into ComfyUI's input folder (never over a file already there),
     so that the templates, which preselect them, run as is on a fresh install."""

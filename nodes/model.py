@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,20 @@ def _unet_files() -> list[str]:
     except (ImportError, KeyError):
         return []
     return [n for n in names if Path(n).name in UNET_NAMES] or [DEFAULT_UNET]
+
+
+def model_report(unet: str | None, interpolation: bool, svd_weights: bool) -> dict:
+    """The UNets in models/sonic, and what a run with this UNet and these settings would lack (relative names)."""
+    from ..sonic.engine.checkpoints import ModelLayout
+
+    fp = comfy.folder_paths()
+    names = [n for n in fp.get_filename_list(comfy.SONIC_FOLDER) if Path(n).name in UNET_NAMES]
+    found = fp.get_full_path(comfy.SONIC_FOLDER, unet) if unet else None
+    root = Path(found).parent.parent if found else _sonic_root()
+    missing = [text.replace(str(root) + os.sep, "") for text in ModelLayout(root).missing(interpolation, svd_weights)]
+    if unet and found is None and not any(text.startswith(unet) for text in missing):
+        missing.insert(0, f"{unet} (no such file in models/sonic)")
+    return {"unets": names, "missing": missing}
 
 
 def _sonic_root() -> Path:

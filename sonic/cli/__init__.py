@@ -1,7 +1,7 @@
 """Command line: `python -m sonic <command>` (installed as `sonic-portrait` too).
 
 One module per command group, each with `add_parsers(sub)` whose commands name their `run(args) -> exit status`:
-`generate`, `lipsync`, `models` (download, convert), `batch`, `fleet` (submit, status, worker). This module builds
+`generate`, `lipsync`, `models` (download, convert), `batch`, `fleet` (submit, status, worker, db). This module builds
 the parser, runs the command and turns its errors into messages and exit statuses (`sonic.exits`), for every
 command in one place.
 """
@@ -65,6 +65,13 @@ def run_reporting(command: Callable[[], int], nothing_done: str | None = None) -
         return EXIT_USAGE
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 (below: only the store's, the database's and the broker's)
+        if type(exc).__module__.split(".")[0] not in ("botocore", "boto3", "sqlalchemy", "kombu", "amqp", "redis"):
+            raise
+        reason = " ".join(str(exc).split())[:400]
+        print(f"error: {type(exc).__name__}: {reason} (check --s3-endpoint / SONIC_S3_ENDPOINT and the AWS_* "
+              "credentials, --database / SONIC_DATABASE_URL, --broker / SONIC_BROKER_URL)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # writers remove their temporary files on the way out; batches stay resumable
         print("cancelled", file=sys.stderr)

@@ -1,9 +1,22 @@
 """One job on one ComfyUI server, and the worker process around it (`python -m sonic worker`).
 
-A job may be delivered more than once (a worker killed mid-job, a broker restart, a visibility timeout that ran
-out), so running it is idempotent: its output key and record key derive from the batch and the job id, and a job
-whose record says done (with an output of that sha256) or failed is not run again; an output stored by a worker
-that died before writing the record is adopted, not made again.
+A message only rings for a job id. The worker claims the job in the job database (a lease with a fencing token),
+renews the lease while ComfyUI runs, and the database accepts the job's output and final state only from the
+attempt that holds the token:
+
+1. claim (refused: already done, running under another live lease, in backoff, unknown id -> nothing runs);
+2. checks: the batch's location is under this worker's --out-prefix, its workflow uses allowed nodes only, and this
+   ComfyUI has the nodes and models the workflow names (else the job goes back and the worker pauses, saying why);
+3. inputs: `s3://` objects downloaded with the store's credentials and uploaded to ComfyUI as files (no link, key id
+   or signature enters a prompt, an MP4 or ComfyUI's history); http(s) URLs as they are;
+4. ComfyUI runs the prompt while a heartbeat renews the lease; a lost lease interrupts the prompt by its id;
+5. the MP4 goes to an attempt's own key, the database records it (token-checked), it is copied to the job's key,
+   then the job is done (token-checked). An output already staged by an earlier attempt is published, not made
+   again; a failed upload is retried without running ComfyUI again.
+
+Whose fault: the job's own bad input or graph fails it (transient ComfyUI errors are retried `--retries` times);
+the store, the database, the broker, ComfyUI unreachable, or an operator's URL allow-list never fail a job: it goes
+back to queued with a backoff and the worker stops taking jobs until the cause is gone.
 """
 
 from __future__ import annotations
@@ -11,172 +24,518 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 from ..exits import EXIT_OK
-from ..jobs.comfy_api import ComfyServer, Outcome, PromptRejected, ServerUnreachable
+from ..jobdb.db import Claim, DatabaseUnavailable, JobDB
+from ..jobs.comfy_api import ComfyServer, PromptRejected, ServerUnreachable
 from ..jobs.jobsfile import Job, Workflow
-from ..jobs.manifest import make_record, timings
-from ..jobs.storage import INPUT_URL_EXPIRY_S, S3
-from .queue import QUEUE, TASK, make_app
+from ..jobs.manifest import timings
+from ..jobs.storage import S3
+from .queue import QUEUE, TASK, make_app, safe_url
 from .store import BatchStore
 
 log = logging.getLogger("sonic.fleet")
-WATCH_S = 5.0  # how often a worker asks its ComfyUI whether it answers
+WATCH_S = 5.0  # how often a paused worker checks whether the cause is gone
+UPLOAD_SUBFOLDER = "sonic-fleet"
+URL_REFUSED_PAUSE_S = 300.0
+
+
+def env_seconds(name: str, default: float) -> float:
+    text = os.environ.get(name, str(default))
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be seconds, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def lease_s() -> float:
+    """SONIC_LEASE_SECONDS: how long a job stays with a worker that stopped renewing it (renewed every quarter)."""
+    return env_seconds("SONIC_LEASE_SECONDS", 60.0)
+
+
+def is_infrastructure(exc: BaseException) -> bool:
+    """An error that says something is down or unreachable, not that the job is bad."""
+    if isinstance(exc, (DatabaseUnavailable, ServerUnreachable, ConnectionError, TimeoutError)):
+        return True
+    try:
+        from botocore.exceptions import (ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError,
+                                         ReadTimeoutError)
+        from boto3.exceptions import S3UploadFailedError
+    except ImportError:
+        return False
+    if isinstance(exc, (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)):
+        return True
+    return isinstance(exc, S3UploadFailedError) and ("Could not connect" in str(exc) or "Connection" in str(exc))
+
+
+def comfyui_cannot_run(object_info: dict, prompt: dict) -> list[str]:
+    """What this ComfyUI lacks to run `prompt`: node types, or choices (model files) the prompt names. The
+    loaders' file choices are not checked: their inputs are uploaded."""
+    problems = []
+    for node in prompt.values():
+        class_type = node.get("class_type")
+        info = object_info.get(class_type)
+        if info is None:
+            problems.append(f"node {class_type} is not installed")
+            continue
+        specs = {**info.get("input", {}).get("required", {}), **info.get("input", {}).get("optional", {})}
+        for name, value in node.get("inputs", {}).items():
+            spec = specs.get(name)
+            if not spec or isinstance(value, list) or (class_type, name) in (("SonicLoadImage", "image"),
+                                                                             ("SonicLoadAudio", "audio")):
+                continue
+            choices = spec[0] if isinstance(spec[0], list) else (
+                spec[1].get("options") if spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1], dict) else None)
+            if choices is not None and value not in choices:
+                problems.append(f"{class_type}.{name} = {value!r} is not on this ComfyUI (it has: "
+                                f"{', '.join(map(str, choices[:6])) or 'nothing'})")
+    return problems
+
+
+def pack_nodes() -> set[str]:
+    import json
+
+    from .batches import SCHEMA_SNAPSHOT
+
+    return set(json.loads(SCHEMA_SNAPSHOT.read_text()))
+
+
+class Unavailable(ConnectionError):
+    """Something the job needs did not answer; `cause` names which (store, comfyui, database)."""
+
+    def __init__(self, cause: str, message: str):
+        super().__init__(message)
+        self.cause = cause
 
 
 class Worker:
-    """What one worker process serves: one ComfyUI server, the store, its name in the fleet."""
+    """What one worker process serves: one ComfyUI server, the store, the job database, its name in the fleet."""
 
-    def __init__(self, comfyui: str, s3: S3, name: str, job_timeout_s: float = 0.0):
-        self.server, self.s3, self.name, self.job_timeout_s = ComfyServer(comfyui), s3, name, job_timeout_s
+    def __init__(self, comfyui: str, s3: S3, db: JobDB, name: str, job_timeout_s: float = 0.0,
+                 out_prefix: str | None = None, allowed_nodes: set[str] | None = None, lease: float | None = None):
+        self.server, self.s3, self.db, self.name = ComfyServer(comfyui), s3, db, name
+        self.job_timeout_s, self.out_prefix = job_timeout_s, (out_prefix or "").rstrip("/")
+        self.allowed_nodes = allowed_nodes if allowed_nodes is not None else pack_nodes()
+        self.lease_s = lease or lease_s()
         self.app = None
         self.consuming = True
+        self.blockers: dict[str, tuple[str, float]] = {}  # cause -> (reason, since)
         self.lock = threading.Lock()
+        self.last_workflow: dict | None = None
+        self.last_store: str | None = None
 
-    # -- ComfyUI down: stop taking jobs, say so, take them again when it is back --------------------------------
-    def set_consuming(self, wanted: bool, reason: str = "") -> None:
+    # -- pausing: stop taking jobs while something this worker needs is down; take them again when it is back -----
+    def block(self, cause: str, reason: str) -> None:
         with self.lock:
+            self.blockers.setdefault(cause, (reason, time.monotonic()))
+        self._apply()
+
+    def _apply(self) -> None:
+        with self.lock:
+            wanted = not self.blockers
             if wanted == self.consuming or self.app is None:
                 return
             self.consuming = wanted
+            reasons = "; ".join(reason for reason, _ in self.blockers.values())
         if wanted:
-            log.warning("ComfyUI at %s answers again: %s takes jobs", self.server.url, self.name)
+            log.warning("%s takes jobs again (its ComfyUI at %s, the store and the job database answer)",
+                        self.name, self.server.url)
             self.app.control.add_consumer(QUEUE, destination=[self.name])
         else:
-            log.warning("ComfyUI at %s is not answering (%s): %s takes no jobs until it is back",
-                        self.server.url, reason, self.name)
+            log.warning("%s takes no jobs until this is fixed: %s", self.name, reasons)
             self.app.control.cancel_consumer(QUEUE, destination=[self.name])
 
+    def recheck(self) -> None:
+        """Clear each cause that is gone (exceptions are a cause that stays)."""
+        for cause in list(self.blockers):
+            reason, since = self.blockers[cause]
+            try:
+                gone = {"comfyui": self.server.alive,
+                        "health": lambda: not self.health_problems(),
+                        "store": lambda: self.last_store is None or self.s3.check_bucket(self.last_store) is None,
+                        "database": lambda: self.db.now() is not None,
+                        "url": lambda: time.monotonic() - since > URL_REFUSED_PAUSE_S}[cause]()
+            except Exception:  # noqa: BLE001 (still down)
+                gone = False
+            if gone:
+                with self.lock:
+                    self.blockers.pop(cause, None)
+        self._apply()
+
+    def health_problems(self) -> list[str]:
+        if not self.server.alive():
+            return [f"its ComfyUI at {self.server.url} does not answer"]
+        info = self.server.object_info()
+        missing = sorted(name for name in pack_nodes() if name not in info)
+        if missing:
+            return [f"its ComfyUI at {self.server.url} lacks this pack's nodes ({', '.join(missing)}): install "
+                    "sonic-portrait into its custom_nodes"]
+        if self.last_workflow is None:
+            return []
+        problems = [f"its ComfyUI at {self.server.url}: {p}" for p in comfyui_cannot_run(info, self.last_workflow)]
+        return problems or self.model_problems(self.last_workflow)
+
+    def model_problems(self, prompt: dict) -> list[str]:
+        """Model files the workflow's Sonic Model Loader needs and this ComfyUI lacks (its /sonic/models)."""
+        import urllib.error
+        import urllib.parse
+
+        problems = []
+        for node in prompt.values():
+            inputs = node.get("inputs", {})
+            if node.get("class_type") != "SonicModelLoader" or inputs.get("download_missing") is True:
+                continue
+            interpolation = inputs.get("interpolation", True)
+            query = urllib.parse.urlencode({
+                "unet": inputs.get("sonic_unet") if isinstance(inputs.get("sonic_unet"), str) else "",
+                "interpolation": "false" if interpolation is False else "true",
+                "svd_weights": "false" if isinstance(inputs.get("vae"), list) else "true"})
+            try:
+                report = self.server.get_json(f"/sonic/models?{query}")
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:  # a pack older than this check: ComfyUI's own validation decides
+                    continue
+                raise
+            if report.get("missing"):
+                problems.append(f"its ComfyUI at {self.server.url} lacks model files: {'; '.join(report['missing'])} "
+                                "(python -m sonic download --models <its models/sonic>)")
+        return problems
+
     def watch(self, stop: threading.Event) -> None:
+        """The worker's own thread: re-check what paused it; never dies of an exception."""
         while not stop.wait(WATCH_S):
-            alive = self.server.alive()
-            self.set_consuming(alive, "" if alive else "health check failed")
+            try:
+                if not self.server.alive():
+                    self.block("comfyui", f"its ComfyUI at {self.server.url} does not answer")
+                self.recheck()
+            except Exception:  # noqa: BLE001
+                log.exception("health check of %s failed; checking again in %g s", self.name, WATCH_S)
 
-    # -- one job -----------------------------------------------------------------------------------------------
-    def run_safely(self, task, message: dict) -> dict:
-        """`run`, where anything unexpected (the store briefly unreachable, ComfyUI gone while its output is
-        fetched) is a transient failure: retried, then recorded. A task that raised would be acknowledged as
-        failed by Celery with no record: the job would be lost."""
-        from celery.exceptions import Reject, Retry
-
+    # -- one job ---------------------------------------------------------------------------------------------
+    def handle(self, message) -> str:
+        """A message from the queue -> what happened (for the log). Never raises: the job's state is in the
+        database, and whatever happens here is recorded there or left to its lease."""
+        if isinstance(message, bool) or not isinstance(message, int):
+            text = repr(message)
+            log.error("refused a message that is not a job id (%s%s): nothing runs", text[:200],
+                      "…" if len(text) > 200 else "")
+            return "refused"
         try:
-            return self.run(task, message)
-        except (Retry, Reject):
-            raise
-        except Exception as exc:  # noqa: BLE001 (recorded below)
-            error = f"{type(exc).__name__}: {exc}"
-            self.retry_if_allowed(task, message, error)
-            job = Job.from_message(message["job"])
-            record = make_record(job, "failed", server=self.server.url, worker=self.name,
-                                 attempts=task.request.retries + 1, error=f"{error} (gave up after retries)")
-            BatchStore(self.s3, message["batch"]).write_record(record)  # if this fails too, the broker keeps the job
-            return record
+            claim = self.db.claim(message, self.name, self.server.url, self.lease_s)
+        except DatabaseUnavailable as exc:
+            self.block("database", str(exc))
+            return "database unavailable"  # the job stays queued; the reconciler rings again
+        if isinstance(claim, str):
+            log.info("job #%d not taken: %s", message, claim)
+            return "not taken"
+        for server, prompt_id in claim.taken_over:  # a lapsed attempt's prompt may still render on its server
+            threading.Thread(target=ComfyServer(server).cancel, args=(prompt_id, 5.0), daemon=True).start()
+        lost = threading.Event()
+        stop = threading.Event()
+        beat = threading.Thread(target=self.heartbeat, args=(claim, lost, stop), daemon=True,
+                                name=f"sonic-lease-{claim.job_id}")
+        beat.start()
+        try:
+            return self.attempt(claim, lost)
+        except Exception as exc:  # noqa: BLE001 (recorded)
+            log.exception("job %s (#%d): unexpected error", claim.name, claim.job_id)
+            self.hand_back(claim, f"{type(exc).__name__}: {exc}", infrastructure=is_infrastructure(exc))
+            return "error"
+        finally:
+            stop.set()
+            beat.join(10)
 
-    @staticmethod
-    def retry_if_allowed(task, message: dict, error: str) -> None:
-        """Raise Celery's Retry (backoff 5 s, doubling, at most 300 s) while the job has retries left."""
-        retries = int(message.get("retries", 2))
-        if task.request.retries < retries:
-            delay = min(float(message.get("backoff_s", 5.0)) * 2 ** task.request.retries, 300.0)
-            log.warning("job %s: %s; retrying in %g s", message["job"]["id"], error, delay)
-            raise task.retry(countdown=delay, max_retries=retries)
+    def heartbeat(self, claim: Claim, lost: threading.Event, stop: threading.Event) -> None:
+        while not stop.wait(self.lease_s / 4):
+            try:
+                if not self.db.heartbeat(claim.job_id, claim.token, self.lease_s):
+                    log.warning("job %s (#%d): another worker took it (this attempt's lease lapsed); interrupting "
+                                "its prompt here", claim.name, claim.job_id)
+                    lost.set()
+                    return
+            except Exception as exc:  # noqa: BLE001 (the database may be back before the lease lapses)
+                log.warning("job %s (#%d): could not renew its lease: %s", claim.name, claim.job_id, exc)
 
-    def run(self, task, message: dict) -> dict:
-        """The Celery task body. Returns the job's record; raises Retry (transient) or Reject (ComfyUI down)."""
-        from celery.exceptions import Reject
+    def hand_back(self, claim: Claim, reason: str, infrastructure: bool) -> str | None:
+        """The job goes back to queued (after a backoff) or, for its own repeated failure, to failed."""
+        delay = min(float(claim.batch["backoff_s"]) * 2 ** min(claim.attempts - 1, 6), 300.0)
+        try:
+            state = self.db.release(claim.job_id, claim.token, reason, delay, job_failure=not infrastructure)
+        except DatabaseUnavailable as exc:
+            self.block("database", str(exc))
+            return None  # its lease lapses; the job comes back then
+        log.warning("job %s (#%d): %s -> %s%s", claim.name, claim.job_id, reason, state or "not ours any more",
+                    f" (next try in {delay:g} s)" if state == "queued" else "")
+        return state
 
-        job = Job.from_message(message["job"])
-        store = BatchStore(self.s3, message["batch"], message.get("url_expiry", 7200))
-        final = store.finished(job)
-        if final is not None:
-            log.info("job %s of %s already %s: skipped", job.id, message["batch"], final["status"])
-            return final
-        attempt, started = task.request.retries + 1, time.monotonic()
-        # visible to `status` (a solo-pool worker cannot answer Celery's inspect while it runs a job); replaced by
-        # the final record, or stale when this worker dies, until the job is delivered again
-        store.write_record(make_record(job, "running", server=self.server.url, worker=self.name, attempts=attempt))
-        workflow = Workflow(Path(message.get("workflow_name", "workflow.json")), message["workflow"],
-                            message.get("workflow_digest", ""))
+    def fail(self, claim: Claim, error: str, prompt_id: str | None = None) -> str:
+        accepted = self.db.finish(claim.job_id, claim.token, "failed", error=error, prompt_id=prompt_id)
+        log.warning("job %s (#%d) failed: %s%s", claim.name, claim.job_id, error,
+                    "" if accepted else " (not recorded: another attempt holds the job)")
+        return "failed"
 
-        def failed(error: str, prompt_id: str | None = None) -> dict:
-            record = make_record(job, "failed", server=self.server.url, worker=self.name, prompt_id=prompt_id,
-                                 attempts=attempt, seconds=round(time.monotonic() - started, 2), error=error)
-            store.write_record(record)
-            return record
+    def refuse(self, claim: Claim) -> str | None:
+        """Why this worker will not run the batch at all (its location or its nodes), or None."""
+        batch = claim.batch
+        if self.out_prefix and not (batch["uri"] + "/").startswith(self.out_prefix + "/"):
+            return f"batch location {batch['uri']} is not under this worker's --out-prefix {self.out_prefix}"
+        foreign = sorted({node.get("class_type") for node in batch["workflow"].values()} - self.allowed_nodes)
+        if foreign:
+            return (f"the workflow uses nodes this worker does not run: {', '.join(map(str, foreign))} "
+                    "(allow them with SONIC_FLEET_NODES)")
+        return None
 
-        sources = []
-        for source in (job.image, job.audio):
-            if source.kind == "url":
-                sources.append(("", source.location))
-            elif source.kind == "s3":
-                sources.append(("", self.s3.presign(source.location, INPUT_URL_EXPIRY_S)))
-            else:  # never a path on the worker's disk
-                return failed(f"{source.location!r}: a fleet job's inputs must be http(s):// or s3:// URLs")
-        prompt = workflow.bind(job, sources[0], sources[1], f"sonic-fleet/{job.id}", message["schema"])
+    def attempt(self, claim: Claim, lost: threading.Event) -> str:
+        batch = claim.batch
+        refusal = self.refuse(claim)
+        if refusal:
+            log.error("job %s (#%d) refused: %s", claim.name, claim.job_id, refusal)
+            return self.fail(claim, f"refused by worker {self.name}: {refusal}")
+        store = BatchStore(self.s3, batch["uri"], batch["url_expiry_s"])
+        self.last_store = batch["uri"]
+        job = Job.from_message(claim.spec)
+        if claim.staged_key:  # an earlier attempt stored the output: publish it, never render it again
+            return self.publish(claim, store, job, lost, claim.staged_key, claim.sha256, claim.bytes, None, None)
+        workflow = Workflow(Path(batch["workflow_name"]), batch["workflow"], batch["workflow_digest"])
+        self.last_workflow = workflow.prompt
+        try:
+            problems = self.health_problems()
+        except (ServerUnreachable, OSError) as exc:
+            problems = [f"its ComfyUI at {self.server.url} does not answer ({exc})"]
+        if problems:
+            self.hand_back(claim, "; ".join(problems), infrastructure=True)
+            self.block("health", "; ".join(problems))
+            return "paused"
+        started = time.monotonic()
+        temps: list[Path] = []
+        try:
+            sources = []
+            for source in (job.image, job.audio):
+                if source.kind == "url":
+                    sources.append(("", source.location))
+                elif source.kind == "s3":
+                    sources.append((self.upload_input(source, temps), ""))
+                else:  # never a path on the worker's disk
+                    return self.fail(claim, f"{source.location!r}: a fleet job's inputs must be http(s):// or s3://")
+        except FileNotFoundError as exc:  # the job's own input is missing
+            return self.fail(claim, str(exc))
+        except Unavailable as exc:
+            self.hand_back(claim, f"inputs: {exc}", infrastructure=True)
+            self.block(exc.cause, str(exc))
+            return "paused"
+        finally:
+            for temp in temps:
+                temp.unlink(missing_ok=True)
+        prompt = workflow.bind(job, sources[0], sources[1], f"sonic-fleet/{job.id}", batch["schema"])
         inputs_done = time.monotonic()
-        try:
-            outcome = self.server.run(prompt, timeout_s=self.job_timeout_s or None)
-        except PromptRejected as exc:
-            return failed(f"rejected by {self.server.url}: {exc}")
-        except ServerUnreachable as exc:  # not the job's fault: hand it back, stop taking jobs
-            self.set_consuming(False, str(exc))
-            raise Reject(str(exc), requeue=True) from None
-        comfyui_done = time.monotonic()
-        if outcome.status == "success":
-            return self._store(job, store, workflow, outcome, attempt, (started, inputs_done, comfyui_done))
-        if outcome.status == "lost":
-            self.set_consuming(self.server.alive(), outcome.error)
-        if outcome.transient:
-            self.retry_if_allowed(task, message, outcome.error)
-        suffix = f" (gave up after {attempt} attempts)" if outcome.transient else ""
-        return failed(outcome.error + suffix, outcome.prompt_id or None)
 
-    def _store(self, job: Job, store: BatchStore, workflow: Workflow, outcome: Outcome, attempt: int,
-               stamps: tuple[float, float, float]) -> dict:
+        def queued(prompt_id: str) -> None:
+            try:
+                self.db.note_prompt(claim.job_id, claim.token, prompt_id)
+            except DatabaseUnavailable as exc:
+                log.warning("job %s: prompt id not recorded: %s", claim.name, exc)
+
+        try:
+            outcome = self.server.run(prompt, on_queued=queued, cancel=lost, timeout_s=self.job_timeout_s or None)
+        except PromptRejected as exc:  # this ComfyUI has what the workflow names (checked above): the job's fault
+            return self.fail(claim, f"rejected by {self.server.url}: {exc}")
+        except ServerUnreachable as exc:
+            self.hand_back(claim, f"ComfyUI at {self.server.url}: {exc}", infrastructure=True)
+            self.block("comfyui", f"its ComfyUI at {self.server.url} does not answer ({exc})")
+            return "paused"
+        comfyui_done = time.monotonic()
+        if outcome.status == "cancelled" and lost.is_set():
+            return "lost its lease"
+        if outcome.status == "success":
+            return self.store_output(claim, store, job, workflow, outcome, lost, (started, inputs_done, comfyui_done))
+        error = outcome.error or outcome.status
+        if "SONIC_URL_ALLOW" in error:  # the operator's allow-list, not the job
+            self.hand_back(claim, error, infrastructure=True)
+            self.block("url", f"{error} (set SONIC_URL_ALLOW for the ComfyUI at {self.server.url}; this worker "
+                              f"tries again in {URL_REFUSED_PAUSE_S:g} s)")
+            return "paused"
+        if outcome.status == "lost":  # ComfyUI went away mid-job
+            self.hand_back(claim, error, infrastructure=True)
+            if not self.server.alive():
+                self.block("comfyui", f"its ComfyUI at {self.server.url} does not answer ({error})")
+            return "handed back"
+        if outcome.transient:
+            self.hand_back(claim, error, infrastructure=False)
+            return "retry"
+        return self.fail(claim, error, outcome.prompt_id or None)
+
+    def upload_input(self, source, temps: list[Path]) -> str:
+        """An s3:// input -> the name ComfyUI's loader takes (downloaded here, uploaded there by content)."""
+        suffix = Path(source.location).suffix[:16]
+        fd, name = tempfile.mkstemp(prefix="sonic-fleet-input-", suffix=suffix)
+        os.close(fd)
+        temp = Path(name)
+        temps.append(temp)
+        try:
+            digest = self.s3.download(source.location, temp)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if is_infrastructure(exc):
+                raise Unavailable("store", f"the store did not answer ({type(exc).__name__}: {exc})") from None
+            raise
+        digest = digest[0] if isinstance(digest, tuple) else digest
+        try:
+            return self.server.upload(temp, f"{digest[:24]}{suffix}", UPLOAD_SUBFOLDER)
+        except (ServerUnreachable, OSError) as exc:
+            raise Unavailable("comfyui", f"its ComfyUI at {self.server.url} did not take the input ({exc})") from None
+
+    def store_output(self, claim: Claim, store: BatchStore, job: Job, workflow: Workflow, outcome, lost,
+                     stamps: tuple[float, float, float]) -> str:
         temp = store.outputs.temp_file(job.id)
         try:
-            sha256, size = self.server.download(workflow.video_entry(outcome.history), temp)
-            output, url = store.outputs.store(temp, job.id, job.metadata(sha256, outcome.prompt_id))
+            try:
+                sha256, size = self.server.download(workflow.video_entry(outcome.history), temp)
+            except (ServerUnreachable, OSError) as exc:
+                self.hand_back(claim, f"fetching the MP4 from {self.server.url}: {exc}", infrastructure=True)
+                return "handed back"
+            staged = store.staged_uri(job.id, claim.token)
+            metadata = job.metadata(sha256, outcome.prompt_id)
+            if not self.patiently(lambda: self.s3.upload(temp, staged, metadata, "video/mp4"), lost, "store",
+                                  f"storing {job.id}'s MP4"):
+                return self.given_up(claim, lost, "the store did not take the MP4")
         finally:
             temp.unlink(missing_ok=True)
-        record = make_record(job, "done", output=output, url=url, sha256=sha256, bytes=size, server=self.server.url,
-                             worker=self.name, prompt_id=outcome.prompt_id, attempts=attempt,
-                             seconds=round(time.monotonic() - stamps[0], 2), timings=timings(*stamps, outcome.history),
-                             **workflow.lipsync(outcome.history))
-        store.write_record(record)  # then Celery acknowledges the message (late acknowledgement)
-        return record
+        extra = {"timings": timings(*stamps, outcome.history), "lipsync": workflow.lipsync(outcome.history) or None}
+        result = {}
+
+        def stage():
+            result["accepted"] = self.db.stage(claim.job_id, claim.token, staged, sha256, size)
+
+        if not self.patiently(stage, lost, "database", f"recording {job.id}'s MP4"):
+            return self.given_up(claim, lost, "the job database did not answer")
+        if not result["accepted"]:  # another attempt holds the job, or staged its output first: ours is not used
+            log.warning("job %s (#%d): its MP4 was refused (another attempt holds the job)", job.id, claim.job_id)
+            self.db.fenced(claim.job_id, claim.token, "its MP4 was refused: another attempt holds the job")
+            try:
+                self.s3.delete(staged)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not remove %s: %s", staged, exc)
+            return "refused"
+        return self.publish(claim, store, job, lost, staged, sha256, size, outcome.prompt_id, extra)
+
+    def publish(self, claim: Claim, store: BatchStore, job: Job, lost, staged: str, sha256: str, size: int,
+                prompt_id: str | None, extra: dict | None) -> str:
+        """The staged MP4 of this job (whichever attempt made it) -> the job's key; then the job is done."""
+        final = store.output_uri(job.id)
+        copied = self.patiently(lambda: self.s3.copy(staged, final), lost, "store", f"publishing {job.id}'s MP4")
+        if not copied:
+            return self.given_up(claim, lost, "the store did not copy the MP4")
+        fields = {"output_key": final, "sha256": sha256, "bytes": size, **(extra or {})}
+        if prompt_id:
+            fields["prompt_id"] = prompt_id
+        result = {}
+
+        def finish():
+            result["accepted"] = self.db.finish(claim.job_id, claim.token, "done", error=None, **fields)
+
+        if not self.patiently(finish, lost, "database", f"recording {job.id} as done"):
+            return self.given_up(claim, lost, "the job database did not answer")
+        if not result["accepted"]:
+            log.warning("job %s (#%d): its result was refused (another attempt holds the job)", job.id, claim.job_id)
+            return "refused"
+        try:
+            self.s3.delete(staged)
+        except Exception as exc:  # noqa: BLE001 (a leftover attempt object, nothing more)
+            log.warning("could not remove %s: %s", staged, exc)
+        log.info("job %s (#%d) done: %s", job.id, claim.job_id, final)
+        return "done"
+
+    def patiently(self, action, lost: threading.Event, cause: str, what: str) -> bool:
+        """Run `action` until it works, backing off (2 s doubling to 60 s) through store or database outages, for
+        as long as this attempt holds its lease and SONIC_STORE_PATIENCE allows. -> whether it worked."""
+        patience = env_seconds("SONIC_STORE_PATIENCE", 3600.0)
+        deadline, delay = time.monotonic() + patience, 2.0
+        while True:
+            try:
+                action()
+                return True
+            except Exception as exc:  # noqa: BLE001
+                if not is_infrastructure(exc):
+                    raise
+                if lost.is_set() or time.monotonic() + delay > deadline:
+                    return False
+                log.warning("%s: %s; trying again in %g s", what, exc, delay)
+                if lost.wait(delay):
+                    return False
+                delay = min(delay * 2, 60.0)
+
+    def given_up(self, claim: Claim, lost, reason: str) -> str:
+        if lost.is_set():
+            return "lost its lease"
+        self.hand_back(claim, reason, infrastructure=True)
+        return "handed back"
+
+    # -- the reconciler ----------------------------------------------------------------------------------------
+    def reconcile_forever(self, stop: threading.Event, interval_s: float) -> None:
+        from .reconcile import reconcile
+
+        while not stop.wait(interval_s):
+            try:
+                reconcile(self.db, self.app, self.name, interval_s)
+            except Exception as exc:  # noqa: BLE001 (the next round tries again)
+                log.warning("reconciler: %s", exc)
 
 
-def serve(broker: str, comfyui: str, concurrency: int = 1, name: str | None = None, s3_endpoint: str | None = None,
-          s3_addressing: str = "auto", job_timeout_s: float = 0.0) -> int:
+def serve(broker: str, comfyui: str, database: str, concurrency: int = 1, name: str | None = None,
+          s3_endpoint: str | None = None, s3_addressing: str = "auto", job_timeout_s: float = 0.0,
+          out_prefix: str | None = None) -> int:
     """Run a worker until SIGTERM/Ctrl-C (warm shutdown: the running job finishes first)."""
     if concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
     port = comfyui.rstrip("/").rsplit(":", 1)[-1]
     name = name or f"sonic-{port if port.isdigit() else 'comfyui'}-{os.getpid()}@{socket.gethostname()}"
-    worker = Worker(comfyui, S3(s3_endpoint, s3_addressing), name, job_timeout_s)
-    if not worker.server.alive():
-        log.warning("ComfyUI at %s is not answering yet; jobs wait in the queue until it does", comfyui)
+    db = JobDB(database)
+    db.upgrade()  # a new database gets its tables; concurrent upgrades wait for each other
+    extra_nodes = {n.strip() for n in os.environ.get("SONIC_FLEET_NODES", "").split(",") if n.strip()}
+    worker = Worker(comfyui, S3(s3_endpoint, s3_addressing), db, name, job_timeout_s,
+                    out_prefix or os.environ.get("SONIC_FLEET_OUT"), pack_nodes() | extra_nodes)
+    try:  # until a job names its own, check the model files the standard batch workflow needs
+        worker.last_workflow = Workflow.load(None).prompt
+    except (OSError, ValueError):
+        pass
+    if not worker.out_prefix:
+        log.warning("%s runs batches stored anywhere its credentials reach; give --out-prefix s3://bucket/prefix "
+                    "(or SONIC_FLEET_OUT) to run only your own", name)
     app = make_app(broker)
     worker.app = app
+    interval = env_seconds("SONIC_RECONCILE_INTERVAL", 10.0)
 
     @app.task(name=TASK, bind=True, acks_late=True)
-    def run_job(task, message):
-        record = worker.run_safely(task, message)  # the whole record is in the store; the log gets no links
-        return {key: record.get(key) for key in ("id", "status", "output", "error")}
+    def run_job(task, job_id):
+        return worker.handle(job_id)
 
     stop = threading.Event()
-    watcher = threading.Thread(target=worker.watch, args=(stop,), daemon=True, name="sonic-comfyui-watch")
+    threads = [threading.Thread(target=worker.watch, args=(stop,), daemon=True, name="sonic-health"),
+               threading.Thread(target=worker.reconcile_forever, args=(stop, interval), daemon=True,
+                                name="sonic-reconcile")]
 
     from celery.signals import worker_ready
 
     @worker_ready.connect(weak=False)
     def _ready(**_):
-        watcher.start()
-        worker.set_consuming(worker.server.alive(), "not answering at start")
+        for thread in threads:
+            thread.start()
+        try:
+            problems = worker.health_problems()
+        except Exception as exc:  # noqa: BLE001
+            problems = [f"its ComfyUI at {comfyui} does not answer ({exc})"]
+        if problems:
+            worker.block("health", "; ".join(problems))
+        log.info("%s serves %s from %s (job database %s; lease %g s)", name, comfyui, safe_url(broker), db.display,
+                 worker.lease_s)
 
     argv = ["worker", "--pool", "solo" if concurrency == 1 else "threads", "--concurrency", str(concurrency),
             "--queues", QUEUE, "--hostname", name, "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
@@ -184,4 +543,5 @@ def serve(broker: str, comfyui: str, concurrency: int = 1, name: str | None = No
         app.worker_main(argv)
     finally:
         stop.set()
+        db.close()
     return EXIT_OK

@@ -278,6 +278,14 @@ class JobDB:
             return changed == 1
 
     @_unavailable
+    def fenced(self, job_id: int, token: int, reason: str) -> None:
+        """Record that an attempt's result was refused (the job itself is not touched)."""
+        with self.engine.begin() as connection:
+            connection.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.token == token,
+                                                      attempts.c.ended_at.is_(None))
+                               .values(ended_at=db_now(), outcome="fenced", error=reason))
+
+    @_unavailable
     def release(self, job_id: int, token: int, reason: str, delay_s: float, job_failure: bool) -> str | None:
         """Hand the job back -> its new state: 'queued' (tried again after delay_s), or 'failed' when it was the
         job's own failure and its retries are spent; None when this attempt no longer held it. A reason that is not

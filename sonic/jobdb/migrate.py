@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+UPGRADE_LOCK = 0x50E1C  # PostgreSQL advisory lock held while the schema is upgraded
 
 
 def _config():
@@ -34,7 +35,9 @@ def upgrade(engine, revision: str = "head") -> None:
     from .schema import metadata
 
     config = _config()
-    with engine.begin() as connection:
+    with engine.begin() as connection:  # SQLite: BEGIN IMMEDIATE (see db.py) already serializes upgrades
+        if connection.dialect.name == "postgresql":  # two workers starting on a new database: one creates, one waits
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK})")
         config.attributes["connection"] = connection
         config.attributes["metadata"] = metadata
         command.upgrade(config, revision)
@@ -46,4 +49,4 @@ def check(engine, url_text: str) -> None:
     if found != wanted:
         state = "has no job tables" if found is None else f"is at schema version {found}, this code needs {wanted}"
         raise RuntimeError(f"the job database {url_text} {state}: run `python -m sonic db upgrade --database URL` "
-                           "(or submit a batch, which creates the tables of a new database)")
+                           "(or start a worker or submit a batch: they create the tables of a new database)")
