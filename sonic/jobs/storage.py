@@ -18,7 +18,6 @@ from pathlib import Path
 
 from ..hashing import sha256_file
 
-INPUT_URL_EXPIRY_S = 6 * 3600  # presigned input links (sonic/fleet only; the batch runner uploads s3:// inputs)
 MAX_URL_EXPIRY_S = 7 * 24 * 3600  # SigV4's limit on a presigned link's lifetime (604800 s)
 MULTIPART_THRESHOLD = 16 * 2**20
 MISSING = ("404", "NoSuchKey", "NotFound")
