@@ -40,7 +40,9 @@ def add_parsers(sub) -> None:
                        help="wait before the first retry; doubles with each further one")
     batch.add_argument("--give-up-after", type=float, default=60.0, metavar="SECONDS",
                        help="stop when no server has answered for this long (the manifest stays resumable)")
-    batch.add_argument("--check", action="store_true", help="check the jobs and the servers, run nothing")
+    batch.add_argument("--check", action="store_true",
+                       help="check the jobs, the servers (nodes, model files) and that the destination is writable; "
+                            "print what was checked and run nothing")
     batch.set_defaults(run=run, nothing_done="nothing was submitted")
 
 

@@ -234,6 +234,27 @@ def coerce(value, spec: list):
     return number
 
 
+def value_hint(spec: list, current=None) -> str:
+    """What to write in a jobs-file cell for a node input: its type and range, and that an empty cell keeps the
+    workflow's value."""
+    kind, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+    low, high = opts.get("min"), opts.get("max")
+    span = (f" from {low} to {high}" if low is not None and high is not None else
+            f" of at least {low}" if low is not None else f" of at most {high}" if high is not None else "")
+    if isinstance(kind, list) or kind == "COMBO":
+        what = "one of those choices, spelled the same"
+    elif kind == "BOOLEAN":
+        what = "true or false (yes/no, 1/0)"
+    elif kind == "INT":
+        what = f"a whole number{span}"
+    elif kind == "FLOAT":
+        what = f"a number{span}"
+    else:
+        what = "text"
+    keep = f" ({json.dumps(current)})" if isinstance(current, (str, int, float, bool)) else ""
+    return f"write {what}, or leave the cell empty to keep the workflow's value{keep}"
+
+
 def read_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, raw row) for every non-empty row of a .csv (with a header row) or .jsonl file."""
     suffix = path.suffix.lower()
@@ -281,7 +302,7 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
 def parse_source(value, column: str, base: Path, digests: dict[Path, str]) -> Source:
     """A local path (relative to the jobs file), an http(s) URL or s3://bucket/key."""
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{column}: give a local path, an http(s) URL or s3://bucket/key")
+        raise ValueError(f"column {column}: give a local path, an http(s) URL or s3://bucket/key")
     text = value.strip()
     scheme = text.split("://", 1)[0].lower() if "://" in text else ""
     suffixes = INPUT_COLUMNS[column][1]
@@ -290,15 +311,15 @@ def parse_source(value, column: str, base: Path, digests: dict[Path, str]) -> So
     if scheme == "s3":
         bucket, _, key = text[5:].partition("/")
         if not bucket or not key:
-            raise ValueError(f"{column}: {text!r} is not s3://bucket/key")
+            raise ValueError(f"column {column}: {text!r} is not s3://bucket/key")
         return Source("s3", text)
     if scheme:
-        raise ValueError(f"{column}: {scheme}:// is not supported; use a local path, http(s):// or s3://")
+        raise ValueError(f"column {column}: {scheme}:// is not supported; use a local path, http(s):// or s3://")
     path = (base / Path(text).expanduser()).resolve()
     if not path.is_file():
-        raise ValueError(f"{column}: file {text!r} not found" + (f" (looked at {path})" if str(path) != text else ""))
+        raise ValueError(f"column {column}: file {text!r} not found" + (f" (looked at {path})" if str(path) != text else ""))
     if path.suffix.lower() not in suffixes:
-        raise ValueError(f"{column}: {path.name} is not a {column} file ({', '.join(suffixes)})")
+        raise ValueError(f"column {column}: {path.name} is not a {column} file ({', '.join(suffixes)})")
     if path not in digests:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
@@ -344,8 +365,9 @@ def load_jobs(path: Path, workflow: Workflow, schema: dict) -> list[Job]:
                 continue  # reported once for the whole file above
             try:
                 params[column] = coerce(row[column], takers[0][1])
-            except ValueError as exc:
-                row_problems.append(f"{column}: {exc}")
+            except ValueError as exc:  # named as the user sees it: a column of the jobs file, and what to write
+                current = workflow.prompt[takers[0][0]]["inputs"].get(column)
+                row_problems.append(f"column {column}: {exc}; {value_hint(takers[0][1], current)}")
         problems.extend(f"{where}: {p}" for p in row_problems)
         if not row_problems:
             job = Job(job_id, line, sources["image"], sources["audio"], params)

@@ -11,8 +11,10 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,17 +70,22 @@ def test_every_bad_row_is_reported_at_once(schema, inputs):
     with pytest.raises(jobs_mod.JobsError) as err:
         jobs_mod.load_jobs(_write(inputs / "jobs.jsonl", rows), workflow, schema)
     problems = "\n".join(err.value.problems)
-    for expected in ["line 1 (id 1): seed: 'abc' is not a whole number",
-                     "line 2 (id 2): image: file 'missing.png' not found",
-                     "line 2 (id 2): steps: 0 is outside 1..200",
-                     "line 3 (id a): crop: 'maybe' is not true or false",
+    seed_max = schema["SonicSampler"]["input"]["required"]["seed"][1]["max"]
+    # named as the user edits them: a column of the jobs file, and what to write in it
+    for expected in [(f"line 1 (id 1): column seed: 'abc' is not a whole number; write a whole number from 0 to "
+                      f"{seed_max}, or leave the cell empty to keep the workflow's value (72589)"),
+                     "line 2 (id 2): column image: file 'missing.png' not found",
+                     ("line 2 (id 2): column steps: 0 is outside 1..200; write a whole number from 1 to 200, or leave "
+                      "the cell empty to keep the workflow's value (25)"),
+                     ("line 3 (id a): column crop: 'maybe' is not true or false; write true or false (yes/no, 1/0), or "
+                      "leave the cell empty to keep the workflow's value (false)"),
                      "line 4 (id a): id 'a' is also used on line 3",
-                     "line 4 (id a): image: notes.txt is not a image file",
-                     "line 4 (id a): audio: ftp:// is not supported",
+                     "line 4 (id a): column image: notes.txt is not a image file",
+                     "line 4 (id a): column audio: ftp:// is not supported",
                      "line 5 (id ../escape): id must be",
                      "column 'wobble' is not an input of any node in sonic_batch_api.json",
-                     "line 6 (id 6): image: give a local path",
-                     "line 6 (id 6): audio: 's3://bucket-only' is not s3://bucket/key"]:
+                     "line 6 (id 6): column image: give a local path",
+                     "line 6 (id 6): column audio: 's3://bucket-only' is not s3://bucket/key"]:
         assert expected in problems, problems
     assert len(err.value.problems) == 11
 
@@ -117,6 +124,47 @@ def test_csv_columns_are_typed_and_bound_by_node_type_and_input_name(schema, inp
     assert again[0].key == first.key
     (inputs / "portrait.png").write_bytes((inputs / "portrait.png").read_bytes() + b"\0")
     assert jobs_mod.load_jobs(inputs / "jobs.csv", workflow, schema)[0].key != first.key
+
+
+def test_job_errors_name_the_jobs_file_column(schema, comfy_env):
+    """The nodes word their errors for a ComfyUI user (widgets); a failed job of a batch says the column instead,
+    and what to write there. The messages here are the real ones, raised by the pack's code."""
+    import numpy as np
+
+    from sonic.batch.runner import column_hints, value_problems
+    from sonic.engine.pipeline import load_speech
+
+    workflow = jobs_mod.Workflow.load(None)
+
+    def node_error(node_type, exc):
+        return comfy_api.describe_error({"node_id": "4", "node_type": node_type, "exception_type": type(exc).__name__,
+                                         "exception_message": str(exc)})[0]
+
+    with pytest.raises(ValueError) as too_long:
+        load_speech((np.zeros((1, 16000), np.float32), 16000), duration=5.0)
+    error = node_error("SonicPreData", too_long.value)
+    assert column_hints(error, workflow, schema) == error + (
+        "; in the jobs file write at most 1.00 in column duration (seconds), or 0 or an empty cell for the whole audio")
+    with pytest.raises(ValueError) as bad_box:  # Sonic PreData reads the box before anything else
+        comfy_env["mappings"]["SonicPreData"]().prepare(None, None, None, face_box="10,20")
+    assert "Sonic PreData's face_box '10,20' must be four numbers" in str(bad_box.value)
+    assert column_hints(node_error("SonicPreData", bad_box.value), workflow, schema) == (
+        "SonicPreData (node 4): ValueError: column face_box '10,20' must be four numbers x,y,w,h in pixels, or empty "
+        "to detect the face")
+    rejected = comfy_api.describe_rejection({"error": {"message": "Prompt outputs failed validation"}, "node_errors": {
+        "5": {"class_type": "SonicSampler", "errors": [{"message": "Value 0 smaller than min of 1", "details": "steps"}]},
+        "4": {"class_type": "SonicPreData", "errors": [{"message": "Required input is missing", "details": "audio"}]}}})
+    assert column_hints(rejected, workflow, schema) == ("Prompt outputs failed validation; SonicSampler (node 5): "
+                                                        "Value 0 smaller than min of 1: column steps; SonicPreData "
+                                                        "(node 4): Required input is missing: audio")  # a link, no column
+    # a face box that is no box is caught with the other problems, before anything runs
+    jobs = comfy_env["base"] / "input" / "boxes.csv"
+    jobs.write_text('id,image,audio,face_box\nok,portrait.png,speech.wav,"10, 20, 30.5, 40"\n'
+                    "half,portrait.png,speech.wav,10\nwords,portrait.png,speech.wav,the middle\n")
+    assert value_problems(jobs, workflow, schema) == [
+        f"boxes.csv line {line} (id {job}): column face_box: {value!r} is not four numbers; write x,y,w,h of the face "
+        "in the photo's pixels (e.g. 120,80,200,240; in a CSV file inside double quotes), or leave the cell empty to "
+        "detect the face" for line, job, value in ((3, "half", "10"), (4, "words", "the middle"))]
 
 
 def test_workflow_must_be_api_format_with_one_encoder(tmp_path):
@@ -265,8 +313,10 @@ def test_mixed_batch_over_two_servers_then_resume(world):
         {"id": "s3-both", "image": "s3://inputs/speech-lab/portrait.png", "audio": "s3://inputs/speech-lab/speech.mp3",
          "seed": 13, **FAST},
         {"id": "no-face", "image": "noface.png", "audio": "speech.wav", "seed": 14, **FAST},
-        {"id": "url-wav", "image": "portrait.png", "audio": f"{files.url}/speech.wav", "seed": 15, **FAST},
+        {"id": "url-wav", "image": "portrait.png", "audio": f"{files.url}/speech.wav", "seed": 15, **FAST,
+         "lip_sync_offset": 0.05},  # a manual lip-sync correction: applied whatever the measurement says
         {"id": "s3-missing", "image": "s3://inputs/speech-lab/nobody.png", "audio": "speech.wav", "seed": 16, **FAST},
+        {"id": "too-long", "image": "portrait.png", "audio": "speech.wav", "seed": 17, **FAST, "duration": 600},
     ]
     jobs = _write(material / "mixed.jsonl", rows)
     out = world["top"] / "out-mixed"
@@ -274,6 +324,7 @@ def test_mixed_batch_over_two_servers_then_resume(world):
     done = run_batch(world, *args)
     assert done.returncode == 1, done.stderr  # two jobs failed
     events = _events(done.stdout)
+    assert events[0]["event"] == "plan" and events[0]["to_run"] == len(rows)
     records = {r["id"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
     assert sorted(records) == sorted(r["id"] for r in rows)
     for row in rows:
@@ -281,7 +332,17 @@ def test_mixed_batch_over_two_servers_then_resume(world):
         if row["id"] == "no-face":
             assert record["status"] == "failed" and record["attempts"] == 1, record  # bad input: never retried
             assert record["error"].startswith("SonicPreData (node 4): NoFaceError: no face") and "face box" in record["error"]
+            # said as the batch user fixes it: the column of the jobs file, not Sonic PreData's widget
+            assert "type the face box into column face_box of the jobs file as x,y,w,h" in record["error"], record
+            assert "widget" not in record["error"] and record["lipsync_applied"] is None
             assert not (out / "no-face.mp4").exists()
+            continue
+        if row["id"] == "too-long":  # the real audio's length, from the node's own message
+            assert record["status"] == "failed" and record["attempts"] == 1, record
+            audio_s = re.search(r"longer than the audio \(([\d.]+) s\)", record["error"])[1]
+            assert 0.5 < float(audio_s) < 5 and record["error"].endswith(
+                f"in the jobs file write at most {audio_s} in column duration (seconds), or 0 or an empty cell for the "
+                "whole audio"), record["error"]
             continue
         if row["id"] == "s3-missing":  # the job's own bad input, found before anything is queued: never retried
             assert record["status"] == "failed" and record["attempts"] == 1, record
@@ -309,12 +370,23 @@ def test_mixed_batch_over_two_servers_then_resume(world):
         assert record["image"] == (str(local) if local.is_file() else row["image"])  # inputs as found
         assert record["params"]["seed"] == row["seed"]
         assert isinstance(record["offset"], float) and isinstance(record["confidence"], float)
+        # what Lip-Sync Calibrate did with its measurement, in its own words
+        assert isinstance(record["lipsync_applied"], bool) and isinstance(record["lipsync_warning"], bool)
+        delayed_ms = float(re.search(r"audio delayed by ([+-][\d.]+) ms$", record["lipsync_message"])[1])
+        assert abs(delayed_ms - record["lipsync_applied_s"] * 1000) < 0.11, record
+        assert record["lipsync_applied"] == (record["lipsync_applied_s"] != 0), record
+        if row["id"] == "url-wav":  # the job's lip_sync_offset column reached the node and moved the audio
+            assert record["lipsync_applied"] is True and "manual offset +50.0 ms" in record["lipsync_message"]
+            measured = record["lipsync_applied_s"] - 0.05  # what the measurement added, when it was trusted
+            assert abs(measured) < 1e-3 or (abs(measured - record["offset"]) < 1e-3 and not record["lipsync_warning"])
+        else:
+            assert "manual offset" not in record["lipsync_message"]
     assert {r["server"] for r in records.values()} == {s.url for s in world["servers"]}  # both servers worked
     for server in world["servers"]:  # no signed link, nor the store's key id, was ever given to a server
         history = urllib.request.urlopen(server.url + "/history", timeout=30).read().decode()
         assert "s3-both" in history or records["s3-both"]["server"] != server.url
         assert not _secrets_in(history), (server.url, _secrets_in(history))
-    assert [e["event"] for e in events].count("queued") == 5 and any(e["event"] == "progress" for e in events)
+    assert [e["event"] for e in events].count("queued") == 6 and any(e["event"] == "progress" for e in events)
     assert not [p for p in out.iterdir() if p.name.endswith(".part")]
     # the same local file went to each server once, whatever the number of jobs using it
     for server in world["servers"]:
@@ -327,12 +399,14 @@ def test_mixed_batch_over_two_servers_then_resume(world):
     assert again.returncode == 1  # the failed job is still failed
     assert [e["event"] for e in _events(again.stdout) if e["event"] in ("queued", "done", "failed")] == []
     assert sorted(e["id"] for e in _events(again.stdout) if e["event"] == "skipped") == sorted(r["id"] for r in rows)
+    order = [e["event"] for e in _events(again.stdout)]  # the plan first, then what it skips
+    assert order == ["plan"] + ["skipped"] * len(rows) + ["summary"], order
     assert [_history_size(s) for s in world["servers"]] == sizes
     # a deleted output is made again; the failed job reruns only when asked
     (out / "url-wav.mp4").unlink()
     third = run_batch(world, *args, "--retry-failed")
     ran = [e["id"] for e in _events(third.stdout) if e["event"] in ("done", "failed")]
-    assert sorted(ran) == ["no-face", "s3-missing", "url-wav"] and third.returncode == 1
+    assert sorted(ran) == ["no-face", "s3-missing", "too-long", "url-wav"] and third.returncode == 1
     assert (out / "url-wav.mp4").is_file()
 
 
@@ -343,12 +417,15 @@ def test_bad_rows_rejected_before_anything_is_submitted(world):
         {"image": "nope.png", "audio": "speech.wav"},
         {"id": "x", "image": "portrait.png", "audio": "speech.wav", "colour": "red"},
         {"id": "x", "image": "portrait.png", "audio": "speech.wav"},
+        {"id": "box", "image": "portrait.png", "audio": "speech.wav", "face_box": "10,20"},
     ])
     sizes = [_history_size(s) for s in world["servers"]]
     result = run_batch(world, str(jobs), *_servers(world), "--out", str(world["top"] / "out-bad"))
     assert result.returncode == 2
-    for expected in ("seed: -1 is outside 0..", "image: file 'nope.png' not found", "column 'colour' is not an input",
-                     "id 'x' is also used on line 3", "4 problem(s); nothing was submitted"):
+    for expected in ("column seed: -1 is outside 0..", "column image: file 'nope.png' not found",
+                     "column 'colour' is not an input", "id 'x' is also used on line 3",
+                     "line 5 (id box): column face_box: '10,20' is not four numbers; write x,y,w,h",
+                     "5 problem(s); nothing was submitted"):
         assert expected in result.stderr, result.stderr
     assert [_history_size(s) for s in world["servers"]] == sizes
     assert "Traceback" not in result.stderr
@@ -356,18 +433,167 @@ def test_bad_rows_rejected_before_anything_is_submitted(world):
     assert nowhere.returncode == 2 and "no --server can run the workflow" in nowhere.stderr
 
 
-def test_s3_outputs_with_metadata_and_signed_links(world):
-    material, s3 = world["material"], world["s3"]
-    rows = [{"id": f"s3-{n}", "image": "portrait.png", "audio": "speech.wav", "seed": 100 + n, **FAST} for n in range(2)]
-    jobs = _write(material / "to-s3.jsonl", rows)
-    result = run_batch(world, str(jobs), *_servers(world), "--out", "s3://outputs/run1", "--json", "--url-expiry", "600")
+def test_check_says_what_it_checked(world):
+    material, client = world["material"], world["s3"].client()
+    jobs = _write(material / "check.jsonl", [{"id": f"c{n}", "image": "portrait.png", "audio": "speech.wav", **FAST}
+                                              for n in range(3)])
+    sizes = [_history_size(s) for s in world["servers"]]
+    result = run_batch(world, str(jobs), *_servers(world), "--server", "http://127.0.0.1:9", "--out",
+                       "s3://outputs/checked", "--check")
     assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    digest = hashlib.sha256(jobs_mod.DEFAULT_WORKFLOW.read_bytes()).hexdigest()
+    assert lines[0].startswith(f"jobs: 3 in {jobs} (every row checked") and lines[0].endswith(
+        "3 to run, 0 done before, 0 failed before"), lines
+    assert lines[1] == f"workflow: {jobs_mod.DEFAULT_WORKFLOW} sha256 {digest} (8 nodes)", lines
+    for server, line in zip(world["servers"], lines[2:4]):
+        version = _get(server.url + "/system_stats")["system"]["comfyui_version"]
+        assert line == (f"server {server.url} (ComfyUI {version}): answers, has the workflow's 8 node types; "
+                        "model Sonic/unet.pth present in models/sonic"), line
+    assert lines[4].startswith("server http://127.0.0.1:9: NOT answering"), lines
+    assert lines[5:] == ["output: s3://outputs/checked writable (lock object .sonic-batch.lock written and read back)",
+                         "manifest: s3://outputs/checked/manifest.jsonl (0 job(s) recorded)",
+                         "check passed; nothing was submitted"], lines
+    assert client.list_objects_v2(Bucket="outputs", Prefix="checked/").get("Contents", []) == []  # its lock let go
+    assert [_history_size(s) for s in world["servers"]] == sizes
+    # the same as one JSON event
+    result = run_batch(world, str(jobs), *_servers(world), "--out", str(world["top"] / "out-check"), "--check", "--json")
+    events = _events(result.stdout)
+    assert result.returncode == 0 and [e["event"] for e in events] == ["plan", "check"], result
+    check = events[1]
+    assert (check["jobs"], check["to_run"], check["workflow"]["sha256"]) == (3, 3, digest)
+    assert [(s["url"], s["answers"], s["used"], s["missing_nodes"], [(m["name"], m["present"]) for m in s["models"]])
+            for s in check["servers"]] == [(s.url, True, True, [], [("Sonic/unet.pth", True)]) for s in world["servers"]]
+    assert check["output"]["writable"] and check["manifest"]["records"] == 0
+    # a workflow naming a model file no server has: no server can run it, each says what it lacks
+    workflow = json.loads(jobs_mod.DEFAULT_WORKFLOW.read_text())
+    workflow["3"]["inputs"]["sonic_unet"] = "Sonic/unet-v2.pth"
+    (material / "v2.json").write_text(json.dumps(workflow))
+    result = run_batch(world, str(jobs), *_servers(world), "--workflow", str(material / "v2.json"), "--out",
+                       str(world["top"] / "out-check"), "--check")
+    assert result.returncode == 2 and "no --server can run the workflow" in result.stderr, result.stderr
+    for server in world["servers"]:
+        assert (f"{server.url}: lacks model Sonic/unet-v2.pth in models/sonic (the workflow's SonicModelLoader "
+                "(node 3) sonic_unet)") in result.stderr, result.stderr
+
+
+def test_s3_lock_names_its_owner_is_renewed_and_taken_over_once_expired(world, monkeypatch):
+    from sonic.batch.runner import S3Lock
+    from sonic.jobs.storage import S3
+
+    for name, value in world["s3"].env.items():  # the store's endpoint and credentials, for boto3 in this process
+        monkeypatch.setenv(name, value)
+    store, uri = S3(world["s3"].endpoint), "s3://outputs/locked/.sonic-batch.lock"
+    first = S3Lock(store, uri, ttl_s=2, settle_s=0.2)
+    assert first.acquire() is None
+    held = json.loads(world["s3"].client().get_object(Bucket="outputs", Key="locked/.sonic-batch.lock")["Body"].read())
+    assert (held["host"], held["pid"], held["id"], held["ttl_s"]) == (socket.gethostname(), os.getpid(),
+                                                                     first.owner["id"], 2)
+    second = S3Lock(store, uri, ttl_s=2, settle_s=0.2)
+    for pause in (2.5, 0):  # refused, and still refused after the first lifetime: the first renews it
+        with pytest.raises(ValueError) as refused:
+            second.acquire()
+        assert f"pid {os.getpid()}, run {first.owner['id'][:12]}" in str(refused.value)
+        assert re.search(r"expires at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(in [0-3] s", str(refused.value))
+        time.sleep(pause)
+    first._stop.set()  # the first batch dies: nobody renews its lock
+    first._thread.join()
+    time.sleep(2.5)
+    assert f"run {first.owner['id'][:12]}" in second.acquire()  # expired: taken over, naming whom from
+    first.renew()
+    assert first.lost and second.owner["id"][:12] in first.lost  # a batch that comes back learns it lost the lock
+    first.release()  # not its own any more: left alone
+    assert not second.lost
+    second.release()
+    assert store.read(uri) is None
+
+
+def test_s3_manifest_pieces_read_back_once(world, monkeypatch):
+    """Each line a piece of its own; a crash between the rewrite and the deletes leaves lines twice: counted once."""
+    from sonic.jobs import manifest as manifest_mod
+    from sonic.jobs.storage import S3
+
+    for name, value in world["s3"].env.items():
+        monkeypatch.setenv(name, value)
+    store, client = S3(world["s3"].endpoint), world["s3"].client()
+
+    def keys(prefix):
+        return sorted(i["Key"] for i in client.list_objects_v2(Bucket="outputs", Prefix=prefix).get("Contents", []))
+
+    first = Manifest("s3://outputs/pieces/manifest.jsonl", store)
+    for n in range(3):
+        first.append({"id": f"j{n}", "status": "done", "n": n})
+    assert keys("pieces/") == [f"pieces/manifest.d/{first.run}-{n:08d}-j{n}.jsonl" for n in range(3)]
+    first.append({"id": "j0", "status": "failed"})  # the last line of an id is its state
+    whole = "".join(line + "\n" for line in first.lines)
+    client.put_object(Bucket="outputs", Key="pieces/manifest.jsonl", Body=whole.encode())  # rewritten, then killed
+    again = Manifest("s3://outputs/pieces/manifest.jsonl", store)
+    assert again.lines == first.lines and again.latest["j0"]["status"] == "failed"
+    assert keys("pieces/") == ["pieces/manifest.jsonl"]  # the leftover pieces folded in at once
+    monkeypatch.setattr(manifest_mod, "CONSOLIDATE_S", 0.0)  # rewritten while running once pieces are a tenth
+    again.append({"id": "j3", "status": "done"})
+    assert keys("pieces/") == ["pieces/manifest.jsonl"] and len(manifest_mod.parse_lines(
+        store.read("s3://outputs/pieces/manifest.jsonl").decode())) == 5
+
+
+def test_s3_outputs_with_metadata_and_signed_links(world):
+    """Also: the s3:// manifest is written as one piece per job while the batch runs, made whole at its end, and a
+    batch killed in between resumes from the pieces and the outputs' metadata; the prefix is locked meanwhile."""
+    material, s3 = world["material"], world["s3"]
+    rows = [{"id": f"s3-{n}", "image": "portrait.png", "audio": "speech.wav", "seed": 100 + n, **FAST} for n in range(3)]
+    jobs = _write(material / "to-s3.jsonl", rows)
+    args = [str(jobs), *_servers(world), "--out", "s3://outputs/run1", "--json", "--url-expiry", "600"]
     client = s3.client()
+
+    def listing(prefix: str) -> list[str]:
+        return [item["Key"] for item in client.list_objects_v2(Bucket="outputs", Prefix=prefix).get("Contents", [])]
+
+    done, killed = [], []
+
+    def two_done(event) -> bool:
+        done.extend([event["id"]] if event["event"] == "done" else [])
+        return len(done) == 2
+
+    status, _, _ = follow_batch(world, args, two_done, lambda e, process: (killed.append(process.pid), process.kill()))
+    assert status == -signal.SIGKILL
+    pieces = listing("run1/manifest.d/")
+    assert "run1/manifest.jsonl" not in listing("run1/")  # not rewritten per job: each job's line is a piece
+    recorded = {}
+    for key in pieces:
+        lines = client.get_object(Bucket="outputs", Key=key)["Body"].read().decode().splitlines()
+        assert len(lines) == 1 and key.endswith(f"-{json.loads(lines[0])['id']}.jsonl"), (key, lines)
+        recorded[json.loads(lines[0])["id"]] = key
+    assert set(done) <= set(recorded) and all(json.loads(client.get_object(Bucket="outputs", Key=key)["Body"].read())
+                                              ["status"] == "done" for key in recorded.values())
+    stored = {key[len("run1/"):-len(".mp4")] for key in listing("run1/") if key.endswith(".mp4")}
+    # the killed batch's lock is still live: a second batch on the prefix is refused, told whose lock it is
+    lock = json.loads(client.get_object(Bucket="outputs", Key="run1/.sonic-batch.lock")["Body"].read())
+    assert (lock["host"], lock["pid"]) == (socket.gethostname(), killed[0])
+    refused = run_batch(world, *args)
+    assert refused.returncode == 2 and refused.stdout == "", refused
+    assert f"another batch is writing to s3://outputs/run1 (host {socket.gethostname()}, pid {killed[0]}, " \
+           f"run {lock['id'][:12]}" in refused.stderr and "expires at" in refused.stderr, refused.stderr
+    assert "delete the lock object to take over now" in refused.stderr
+    # as it advises (that batch is gone); and one stored job lost its line (killed between the upload and the piece)
+    client.delete_object(Bucket="outputs", Key="run1/.sonic-batch.lock")
+    unrecorded = done[1]
+    client.delete_object(Bucket="outputs", Key=recorded.pop(unrecorded))
+    resumed = run_batch(world, *args)
+    assert resumed.returncode == 0, resumed.stderr
+    events = _events(resumed.stdout)
+    skipped = {e["id"]: e for e in events if e["event"] == "skipped"}
+    assert set(skipped) == stored and {i for i, e in skipped.items() if e.get("recovered")} == stored - set(recorded)
+    assert unrecorded in stored - set(recorded)
+    assert sorted(e["id"] for e in events if e["event"] == "queued") == sorted({r["id"] for r in rows} - stored)
+    assert listing("run1/manifest.d/") == [] and "run1/.sonic-batch.lock" not in listing("run1/")
+
     manifest = client.get_object(Bucket="outputs", Key="run1/manifest.jsonl")["Body"].read().decode()
     records = {r["id"]: r for r in map(json.loads, manifest.splitlines())}
+    assert len(manifest.splitlines()) == len(rows) == len(records)  # each job once
+    assert records[unrecorded]["recovered"] is True
     for row in rows:
         record = records[row["id"]]
-        assert record["output"] == f"s3://outputs/run1/{row['id']}.mp4"
+        assert record["status"] == "done" and record["output"] == f"s3://outputs/run1/{row['id']}.mp4"
         head = client.head_object(Bucket="outputs", Key=f"run1/{row['id']}.mp4")
         meta = {k.lower(): v for k, v in head["Metadata"].items()}
         assert meta["sha256"] == record["sha256"] and meta["sonic-prompt-id"] == record["prompt_id"]
@@ -379,9 +605,14 @@ def test_s3_outputs_with_metadata_and_signed_links(world):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(tampered, timeout=30)
         assert refused.value.code == 403
-    # resumable from the store alone
-    again = run_batch(world, str(jobs), *_servers(world), "--out", "s3://outputs/run1", "--json")
-    assert again.returncode == 0 and not [e for e in _events(again.stdout) if e["event"] == "queued"]
+    # resumable from the store alone; a lock whose lifetime is over (its batch gone) is taken over, saying whose
+    client.put_object(Bucket="outputs", Key="run1/.sonic-batch.lock", Body=json.dumps(
+        {"host": "gone-host", "pid": 4321, "id": "f" * 32, "since": "2026-01-01T00:00:00Z", "ttl_s": 0}).encode())
+    again = run_batch(world, *args)
+    assert again.returncode == 0 and not [e for e in _events(again.stdout) if e["event"] == "queued"], again
+    notes = [e["message"] for e in _events(again.stdout) if e["event"] == "note"]
+    assert any(n.startswith("took over the expired lock of host gone-host, pid 4321, run ffffffffffff") for n in notes)
+    assert "run1/.sonic-batch.lock" not in listing("run1/")
 
 
 def _wait_until(predicate, seconds: float, what: str):
