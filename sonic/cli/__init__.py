@@ -67,7 +67,7 @@ def run_reporting(command: Callable[[], int], nothing_done: str | None = None) -
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 (below: only the store's, the database's and the broker's)
-        if type(exc).__module__.split(".")[0] not in ("botocore", "boto3", "sqlalchemy", "kombu", "amqp", "redis"):
+        if type(exc).__module__.split(".")[0] not in ("botocore", "boto3", "sqlalchemy", "alembic", "kombu", "amqp", "redis"):
             raise
         reason = " ".join(str(exc).split())[:400]
         print(f"error: {type(exc).__name__}: {reason} (check --s3-endpoint / SONIC_S3_ENDPOINT and the AWS_* "

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..exits import EXIT_FAILED, EXIT_OK
 from ..jobdb.db import JobDB
 from ..jobs.jobsfile import Workflow, load_jobs
-from ..jobs.storage import S3, check_url_expiry, split_s3
+from ..jobs.storage import S3, check_url_expiry
 from .queue import broker_url, check_broker, make_app, ring, waiting
 from .reconcile import reconcile
 from .store import BatchStore
@@ -104,9 +104,15 @@ def submit(jobs_path: Path, broker: str | None, out: str, database: str, workflo
             print(f"{count} failed job(s) of {store.uri} queued again", file=sys.stderr)
         elif not created:
             print(f"{store.uri} was submitted before: ringing for its jobs that were never queued", file=sys.stderr)
-        while due := db.due(batch_id=batch_id):
-            ring(app, due)
-            db.rang(due)
+        try:
+            while due := db.due(batch_id=batch_id):
+                ring(app, [job_id for job_id, _ in due])
+                db.rang(due)
+        except Exception as exc:  # noqa: BLE001 (the batch is recorded: nothing is lost)
+            raise ConnectionError(f"{store.uri} is recorded in the job database, but queueing its jobs failed "
+                                  f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); the workers' "
+                                  f"reconciler queues them, or run the same submit again with --batch "
+                                  f"{store.name}") from None
     finally:
         db.close()
     return store.uri
@@ -148,6 +154,7 @@ def status(batch_ref: str, broker: str | None, database: str, wait: bool = False
         except ValueError:
             pass  # no broker known: the database still tells the batch's state
         bar, last, total = None, None, None
+        holder = f"status-{uuid.uuid4().hex[:8]}"  # this process's name for the reconciler's lock
         try:
             while True:
                 counts = db.counts(batch["id"])
@@ -176,7 +183,7 @@ def status(batch_ref: str, broker: str | None, database: str, wait: bool = False
                     break
                 if app is not None:
                     try:
-                        reconcile(db, app, f"status-{uuid.uuid4().hex[:6]}", poll_s)
+                        reconcile(db, app, holder, poll_s)
                     except Exception as exc:  # noqa: BLE001 (the workers reconcile too)
                         print(f"reconciler: {exc}", file=sys.stderr)
                 time.sleep(poll_s)

@@ -34,7 +34,7 @@ def safe_url(url: str) -> str:
     """The broker's URL with its password masked, for messages and logs."""
     from kombu.utils.url import maybe_sanitize_url
 
-    return maybe_sanitize_url(url)
+    return ";".join(maybe_sanitize_url(part) for part in url.split(";"))  # sentinel:// lists several URLs
 
 
 def visibility_timeout_s() -> int:

@@ -20,23 +20,35 @@ BATCH_LIMIT = 5000
 
 
 def reconcile(db, app, holder: str, interval_s: float) -> dict:
-    """One round -> what it did ({} when another process holds the round)."""
+    """One round -> what it did ({} when another process holds the round). A round that fails gives the lock up,
+    so that a process that cannot reach the broker does not keep the others from reconciling."""
     if not db.try_lock("reconciler", holder, max(2 * interval_s, 5.0)):
         return {}
+    try:
+        return _round(db, app)
+    except Exception:
+        try:
+            db.unlock("reconciler", holder)
+        except Exception:  # noqa: BLE001 (the lock expires by itself)
+            pass
+        raise
+
+
+def _round(db, app) -> dict:
     done = {"expired": db.expire_leases(BATCH_LIMIT)}
     if done["expired"]:
         log.warning("reconciler: %d job(s) whose worker stopped renewing its lease go back to the queue",
                     len(done["expired"]))
     due = db.due(BATCH_LIMIT)
-    ring(app, due)
+    ring(app, [job_id for job_id, _ in due])
     db.rang(due)
-    done["rung"] = due
+    done["rung"] = [job_id for job_id, _ in due]
     grace = float(os.environ.get("SONIC_RECONCILE_GRACE", "60"))
     if waiting(app) == 0:
         silent = db.silent(grace, BATCH_LIMIT)
         if silent:
             log.warning("reconciler: the broker's queue is empty but %d job(s) wait: ringing again", len(silent))
-            ring(app, silent)
+            ring(app, [job_id for job_id, _ in silent])
             db.rang(silent)
-        done["silent"] = silent
+        done["silent"] = [job_id for job_id, _ in silent]
     return done

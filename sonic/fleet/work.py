@@ -42,6 +42,8 @@ log = logging.getLogger("sonic.fleet")
 WATCH_S = 5.0  # how often a paused worker checks whether the cause is gone
 UPLOAD_SUBFOLDER = "sonic-fleet"
 URL_REFUSED_PAUSE_S = 300.0
+REFUSED_RETRY_S = 300.0  # a batch this worker refuses waits this long before any worker tries it again
+ERROR_PAUSE_S = 60.0  # after an error nobody recognised (a bug here, a broken GPU): a pause, then jobs again
 
 
 def env_seconds(name: str, default: float) -> float:
@@ -60,19 +62,34 @@ def lease_s() -> float:
     return env_seconds("SONIC_LEASE_SECONDS", 60.0)
 
 
+STORE_OUTAGE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
+                      "InternalError", "AccessDenied", "ExpiredToken", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                      "RequestTimeTooSkewed", "InvalidToken", "TokenRefreshRequired", "NoSuchBucket"}
+
+
 def is_infrastructure(exc: BaseException) -> bool:
-    """An error that says something is down or unreachable, not that the job is bad."""
+    """An error that says something is down, unreachable or misconfigured, not that the job is bad: the database,
+    ComfyUI, the network, or the store (its connection errors, credentials, throttling, 5xx answers, refusals). A
+    missing input object is the job's own (FileNotFoundError, raised by the store's download)."""
+    if isinstance(exc, FileNotFoundError):
+        return False
     if isinstance(exc, (DatabaseUnavailable, ServerUnreachable, ConnectionError, TimeoutError)):
         return True
     try:
-        from botocore.exceptions import (ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError,
-                                         ReadTimeoutError)
         from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError, PartialCredentialsError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import CredentialRetrievalError
     except ImportError:
         return False
-    if isinstance(exc, (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)):
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, NoCredentialsError, PartialCredentialsError,
+                        CredentialRetrievalError, S3UploadFailedError)):
         return True
-    return isinstance(exc, S3UploadFailedError) and ("Could not connect" in str(exc) or "Connection" in str(exc))
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 403 or error.get("Code") in STORE_OUTAGE_CODES
+    return False
 
 
 def comfyui_cannot_run(object_info: dict, prompt: dict) -> list[str]:
@@ -125,10 +142,11 @@ class Worker:
         self.allowed_nodes = allowed_nodes if allowed_nodes is not None else pack_nodes()
         self.lease_s = lease or lease_s()
         self.app = None
+        self.node: str | None = None  # Celery's name for this worker (celery@<name> when --name has no @)
         self.consuming = True
         self.blockers: dict[str, tuple[str, float]] = {}  # cause -> (reason, since)
-        self.lock = threading.Lock()
-        self.last_workflow: dict | None = None
+        self.lock, self.send_lock = threading.Lock(), threading.Lock()
+        self.standard: dict | None = None  # the standard batch workflow: what a healthy ComfyUI must run
         self.last_store: str | None = None
 
     # -- pausing: stop taking jobs while something this worker needs is down; take them again when it is back -----
@@ -137,22 +155,34 @@ class Worker:
             self.blockers.setdefault(cause, (reason, time.monotonic()))
         self._apply()
 
-    def _apply(self) -> None:
-        with self.lock:
-            wanted = not self.blockers
-            if wanted == self.consuming or self.app is None:
+    def _apply(self, resend: bool = False) -> None:
+        """Tell Celery to consume or not, as the blockers say. The state is recorded only once the command went
+        out (a broker blip leaves it to the next health check), and commands go out in the order decided."""
+        if self.app is None or self.node is None:
+            return
+        with self.send_lock:
+            with self.lock:
+                wanted = not self.blockers
+                reasons = "; ".join(reason for reason, _ in self.blockers.values())
+            if wanted == self.consuming and not resend:
                 return
+            try:
+                if wanted:
+                    self.app.control.add_consumer(QUEUE, destination=[self.node])
+                else:
+                    self.app.control.cancel_consumer(QUEUE, destination=[self.node])
+            except Exception as exc:  # noqa: BLE001 (the next health check sends it again)
+                log.warning("%s could not %s the queue: %s", self.name, "resume" if wanted else "pause", exc)
+                return
+            if wanted != self.consuming:
+                if wanted:
+                    log.warning("%s takes jobs again (its ComfyUI at %s, the store and the job database answer)",
+                                self.name, self.server.url)
+                else:
+                    log.warning("%s takes no jobs until this is fixed: %s", self.name, reasons)
             self.consuming = wanted
-            reasons = "; ".join(reason for reason, _ in self.blockers.values())
-        if wanted:
-            log.warning("%s takes jobs again (its ComfyUI at %s, the store and the job database answer)",
-                        self.name, self.server.url)
-            self.app.control.add_consumer(QUEUE, destination=[self.name])
-        else:
-            log.warning("%s takes no jobs until this is fixed: %s", self.name, reasons)
-            self.app.control.cancel_consumer(QUEUE, destination=[self.name])
 
-    def recheck(self) -> None:
+    def recheck(self, resend: bool = False) -> None:
         """Clear each cause that is gone (exceptions are a cause that stays)."""
         for cause in list(self.blockers):
             reason, since = self.blockers[cause]
@@ -161,13 +191,14 @@ class Worker:
                         "health": lambda: not self.health_problems(),
                         "store": lambda: self.last_store is None or self.s3.check_bucket(self.last_store) is None,
                         "database": lambda: self.db.now() is not None,
-                        "url": lambda: time.monotonic() - since > URL_REFUSED_PAUSE_S}[cause]()
+                        "url": lambda: time.monotonic() - since > URL_REFUSED_PAUSE_S,
+                        "error": lambda: time.monotonic() - since > ERROR_PAUSE_S}[cause]()
             except Exception:  # noqa: BLE001 (still down)
                 gone = False
             if gone:
                 with self.lock:
                     self.blockers.pop(cause, None)
-        self._apply()
+        self._apply(resend)  # now and then again: the broker may have lost a command (Redis's are fire and forget)
 
     def health_problems(self) -> list[str]:
         if not self.server.alive():
@@ -177,10 +208,16 @@ class Worker:
         if missing:
             return [f"its ComfyUI at {self.server.url} lacks this pack's nodes ({', '.join(missing)}): install "
                     "sonic-portrait into its custom_nodes"]
-        if self.last_workflow is None:
+        if self.standard is None:
             return []
-        problems = [f"its ComfyUI at {self.server.url}: {p}" for p in comfyui_cannot_run(info, self.last_workflow)]
-        return problems or self.model_problems(self.last_workflow)
+        problems = [f"its ComfyUI at {self.server.url}: {p}" for p in comfyui_cannot_run(info, self.standard)]
+        return problems or self.model_problems(self.standard)
+
+    def workflow_problems(self, prompt: dict) -> list[str]:
+        """What this ComfyUI lacks for one batch's own workflow (its nodes' choices, its model files)."""
+        problems = [f"its ComfyUI at {self.server.url}: {p}"
+                    for p in comfyui_cannot_run(self.server.object_info(), prompt)]
+        return problems or self.model_problems(prompt)
 
     def model_problems(self, prompt: dict) -> list[str]:
         """Model files the workflow's Sonic Model Loader needs and this ComfyUI lacks (its /sonic/models)."""
@@ -210,11 +247,13 @@ class Worker:
 
     def watch(self, stop: threading.Event) -> None:
         """The worker's own thread: re-check what paused it; never dies of an exception."""
+        ticks = 0
         while not stop.wait(WATCH_S):
+            ticks += 1
             try:
                 if not self.server.alive():
                     self.block("comfyui", f"its ComfyUI at {self.server.url} does not answer")
-                self.recheck()
+                self.recheck(resend=ticks % 6 == 0)
             except Exception:  # noqa: BLE001
                 log.exception("health check of %s failed; checking again in %g s", self.name, WATCH_S)
 
@@ -244,9 +283,15 @@ class Worker:
         beat.start()
         try:
             return self.attempt(claim, lost)
-        except Exception as exc:  # noqa: BLE001 (recorded)
-            log.exception("job %s (#%d): unexpected error", claim.name, claim.job_id)
-            self.hand_back(claim, f"{type(exc).__name__}: {exc}", infrastructure=is_infrastructure(exc))
+        except Exception as exc:  # noqa: BLE001 (recorded; never the job's fault unless known to be)
+            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            if is_infrastructure(exc):
+                self.hand_back(claim, reason, infrastructure=True)
+                self.block("database" if isinstance(exc, DatabaseUnavailable) else "store", reason)
+            else:
+                log.exception("job %s (#%d): unexpected error", claim.name, claim.job_id)
+                self.hand_back(claim, reason, infrastructure=True)
+                self.block("error", f"an unexpected error ({reason}); trying again in {ERROR_PAUSE_S:g} s")
             return "error"
         finally:
             stop.set()
@@ -255,7 +300,7 @@ class Worker:
     def heartbeat(self, claim: Claim, lost: threading.Event, stop: threading.Event) -> None:
         while not stop.wait(self.lease_s / 4):
             try:
-                if not self.db.heartbeat(claim.job_id, claim.token, self.lease_s):
+                if not self.db.heartbeat(claim.job_id, claim.token, self.lease_s) and not stop.is_set():
                     log.warning("job %s (#%d): another worker took it (this attempt's lease lapsed); interrupting "
                                 "its prompt here", claim.name, claim.job_id)
                     lost.set()
@@ -263,9 +308,10 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 (the database may be back before the lease lapses)
                 log.warning("job %s (#%d): could not renew its lease: %s", claim.name, claim.job_id, exc)
 
-    def hand_back(self, claim: Claim, reason: str, infrastructure: bool) -> str | None:
+    def hand_back(self, claim: Claim, reason: str, infrastructure: bool, delay: float | None = None) -> str | None:
         """The job goes back to queued (after a backoff) or, for its own repeated failure, to failed."""
-        delay = min(float(claim.batch["backoff_s"]) * 2 ** min(claim.attempts - 1, 6), 300.0)
+        if delay is None:
+            delay = min(float(claim.batch["backoff_s"]) * 2 ** min(claim.attempts - 1, 6), 300.0)
         try:
             state = self.db.release(claim.job_id, claim.token, reason, delay, job_failure=not infrastructure)
         except DatabaseUnavailable as exc:
@@ -295,24 +341,29 @@ class Worker:
     def attempt(self, claim: Claim, lost: threading.Event) -> str:
         batch = claim.batch
         refusal = self.refuse(claim)
-        if refusal:
+        if refusal:  # this worker's policy, not the job's fault: another worker (or a fixed setting) may run it
             log.error("job %s (#%d) refused: %s", claim.name, claim.job_id, refusal)
-            return self.fail(claim, f"refused by worker {self.name}: {refusal}")
+            self.hand_back(claim, f"refused by worker {self.name}: {refusal}", infrastructure=True,
+                           delay=REFUSED_RETRY_S)
+            return "refused"
         store = BatchStore(self.s3, batch["uri"], batch["url_expiry_s"])
         self.last_store = batch["uri"]
         job = Job.from_message(claim.spec)
         if claim.staged_key:  # an earlier attempt stored the output: publish it, never render it again
             return self.publish(claim, store, job, lost, claim.staged_key, claim.sha256, claim.bytes, None, None)
         workflow = Workflow(Path(batch["workflow_name"]), batch["workflow"], batch["workflow_digest"])
-        self.last_workflow = workflow.prompt
         try:
             problems = self.health_problems()
+            own = [] if problems else self.workflow_problems(workflow.prompt)
         except (ServerUnreachable, OSError) as exc:
-            problems = [f"its ComfyUI at {self.server.url} does not answer ({exc})"]
-        if problems:
+            problems, own = [f"its ComfyUI at {self.server.url} does not answer ({exc})"], []
+        if problems:  # this ComfyUI cannot run the standard workflow: the worker's problem, it pauses
             self.hand_back(claim, "; ".join(problems), infrastructure=True)
             self.block("health", "; ".join(problems))
             return "paused"
+        if own:  # what only this batch's workflow names: tried on other workers, then failed with the reason
+            self.hand_back(claim, "; ".join(own), infrastructure=False)
+            return "retry"
         started = time.monotonic()
         temps: list[Path] = []
         try:
@@ -415,7 +466,7 @@ class Worker:
             result["accepted"] = self.db.stage(claim.job_id, claim.token, staged, sha256, size)
 
         if not self.patiently(stage, lost, "database", f"recording {job.id}'s MP4"):
-            return self.given_up(claim, lost, "the job database did not answer")
+            return self.given_up(claim, lost, "the job database did not answer", "database")
         if not result["accepted"]:  # another attempt holds the job, or staged its output first: ours is not used
             log.warning("job %s (#%d): its MP4 was refused (another attempt holds the job)", job.id, claim.job_id)
             self.db.fenced(claim.job_id, claim.token, "its MP4 was refused: another attempt holds the job")
@@ -430,7 +481,12 @@ class Worker:
                 prompt_id: str | None, extra: dict | None) -> str:
         """The staged MP4 of this job (whichever attempt made it) -> the job's key; then the job is done."""
         final = store.output_uri(job.id)
-        copied = self.patiently(lambda: self.s3.copy(staged, final), lost, "store", f"publishing {job.id}'s MP4")
+        try:
+            copied = self.patiently(lambda: self.s3.copy(staged, final), lost, "store", f"publishing {job.id}'s MP4")
+        except FileNotFoundError:  # removed from outside (a lifecycle rule): render it again
+            self.db.unstage(claim.job_id, claim.token)
+            self.hand_back(claim, f"its stored MP4 {staged} is gone; it is made again", infrastructure=True, delay=0.0)
+            return "handed back"
         if not copied:
             return self.given_up(claim, lost, "the store did not copy the MP4")
         fields = {"output_key": final, "sha256": sha256, "bytes": size, **(extra or {})}
@@ -442,7 +498,7 @@ class Worker:
             result["accepted"] = self.db.finish(claim.job_id, claim.token, "done", error=None, **fields)
 
         if not self.patiently(finish, lost, "database", f"recording {job.id} as done"):
-            return self.given_up(claim, lost, "the job database did not answer")
+            return self.given_up(claim, lost, "the job database did not answer", "database")
         if not result["accepted"]:
             log.warning("job %s (#%d): its result was refused (another attempt holds the job)", job.id, claim.job_id)
             return "refused"
@@ -472,10 +528,11 @@ class Worker:
                     return False
                 delay = min(delay * 2, 60.0)
 
-    def given_up(self, claim: Claim, lost, reason: str) -> str:
+    def given_up(self, claim: Claim, lost, reason: str, cause: str = "store") -> str:
         if lost.is_set():
             return "lost its lease"
         self.hand_back(claim, reason, infrastructure=True)
+        self.block(cause, reason)
         return "handed back"
 
     # -- the reconciler ----------------------------------------------------------------------------------------
@@ -503,7 +560,7 @@ def serve(broker: str, comfyui: str, database: str, concurrency: int = 1, name: 
     worker = Worker(comfyui, S3(s3_endpoint, s3_addressing), db, name, job_timeout_s,
                     out_prefix or os.environ.get("SONIC_FLEET_OUT"), pack_nodes() | extra_nodes)
     try:  # until a job names its own, check the model files the standard batch workflow needs
-        worker.last_workflow = Workflow.load(None).prompt
+        worker.standard = Workflow.load(None).prompt
     except (OSError, ValueError):
         pass
     if not worker.out_prefix:
@@ -525,7 +582,8 @@ def serve(broker: str, comfyui: str, database: str, concurrency: int = 1, name: 
     from celery.signals import worker_ready
 
     @worker_ready.connect(weak=False)
-    def _ready(**_):
+    def _ready(sender=None, **_):
+        worker.node = getattr(sender, "hostname", None) or name
         for thread in threads:
             thread.start()
         try:

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import and_, create_engine, event, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, create_engine, event, func, insert, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -36,6 +36,24 @@ def database_url(flag: str | None) -> str:
     return url
 
 
+def _masked(url) -> str:
+    """The URL for messages: its password, and any password in its query (`?password=`), masked."""
+    query = {key: ("***" if "password" in key.lower() else value) for key, value in url.query.items()}
+    return url.set(query=query).render_as_string(hide_password=True)
+
+
+def _sqlite_pragmas(connection, _record):
+    connection.isolation_level = None  # transactions are begun by _sqlite_begin
+    cursor = connection.cursor()
+    for pragma in ("journal_mode=WAL", "busy_timeout=60000", "foreign_keys=ON", "synchronous=NORMAL"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+def _sqlite_begin(statement, connection):
+    connection.exec_driver_sql(statement)
+
+
 def _unavailable(method):
     """Connection-level database errors become DatabaseUnavailable naming the database (never its password)."""
 
@@ -48,6 +66,10 @@ def _unavailable(method):
         except DBAPIError as exc:
             from sqlalchemy.exc import InterfaceError, OperationalError
 
+            text = str(exc.orig).lower()
+            if "no such table" in text or ("relation" in text and "does not exist" in text):
+                raise RuntimeError(f"the job database {self.display} has no job tables: run `python -m sonic db "
+                                   "upgrade --database URL`") from None
             if isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated:
                 reason = " ".join(str(exc.orig).split())[:300]
                 raise DatabaseUnavailable(f"the job database {self.display} is unreachable ({reason}); check "
@@ -83,27 +105,28 @@ class JobDB:
         parsed = make_url(url)
         if parsed.drivername == "postgresql":  # psycopg 3 is the driver we install
             parsed = parsed.set(drivername="postgresql+psycopg")
-        self.display = parsed.render_as_string(hide_password=True)
+        self.display = _masked(parsed)
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             self.engine = create_engine(parsed, echo=echo, connect_args={"timeout": 60})
 
-            @event.listens_for(self.engine, "connect")
-            def _pragmas(connection, _record):
-                connection.isolation_level = None  # transactions are begun below, IMMEDIATE: writers queue up
-                cursor = connection.cursor()
-                for pragma in ("journal_mode=WAL", "busy_timeout=60000", "foreign_keys=ON", "synchronous=NORMAL"):
-                    cursor.execute(f"PRAGMA {pragma}")
-                cursor.close()
+            import sqlite3
 
-            @event.listens_for(self.engine, "begin")
-            def _begin(connection):
-                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            if sqlite3.sqlite_version_info < (3, 35):
+                raise RuntimeError(f"the job database needs SQLite 3.35 or newer (this Python has "
+                                   f"{sqlite3.sqlite_version}); use PostgreSQL or a newer Python")
+            # writers begin IMMEDIATE (they queue up instead of failing to upgrade a read lock); readers
+            # (status, the reconciler's queries) begin DEFERRED and never wait for a writer in WAL mode
+            self.reader = create_engine(parsed, echo=echo, connect_args={"timeout": 60})
+            for engine, begin in ((self.engine, "BEGIN IMMEDIATE"), (self.reader, "BEGIN")):
+                event.listen(engine, "connect", _sqlite_pragmas)
+                event.listen(engine, "begin", functools.partial(_sqlite_begin, begin))
         elif self.dialect == "postgresql":
             self.engine = create_engine(parsed, echo=echo, pool_pre_ping=True, pool_size=2,
                                         connect_args={"connect_timeout": 10})
+            self.reader = self.engine
         else:
             raise ValueError(f"--database {self.display}: use sqlite:///path or postgresql://user@host/db")
 
@@ -122,11 +145,13 @@ class JobDB:
 
     @_unavailable
     def now(self) -> float:
-        with self.engine.connect() as connection:
+        with self.reader.connect() as connection:
             return connection.execute(select(db_now())).scalar_one()
 
     def close(self) -> None:
         self.engine.dispose()
+        if self.reader is not self.engine:
+            self.reader.dispose()
 
     # -- submit ----------------------------------------------------------------------------------------------
     @_unavailable
@@ -144,18 +169,31 @@ class JobDB:
                                      "choose another --batch name (the same jobs file again resumes it)")
                 return found.id, False
             now = connection.execute(select(db_now())).scalar_one()
-            batch_id = connection.execute(insert(batches).values(**batch, jobs_digest=digest, created_at=now)
-                                          .returning(batches.c.id)).scalar_one()
+            try:
+                with connection.begin_nested():
+                    batch_id = connection.execute(insert(batches).values(**batch, jobs_digest=digest, created_at=now)
+                                                  .returning(batches.c.id)).scalar_one()
+            except IntegrityError:  # the same batch submitted at the same moment by another process
+                return self.create_batch_again(batch, digest)
             connection.execute(insert(jobs), [
                 {"batch_id": batch_id, "position": n, "state": "queued", "token": 0, "attempts": 0, "failures": 0,
                  "not_before": 0.0, "created_at": now, **row} for n, row in enumerate(rows)])
         return batch_id, True
 
+    def create_batch_again(self, batch: dict, digest: str) -> tuple[int, bool]:
+        with self.reader.connect() as connection:
+            found = connection.execute(select(batches.c.id, batches.c.jobs_digest, batches.c.workflow_digest)
+                                       .where(batches.c.uri == batch["uri"])).one()
+        if found.jobs_digest != digest or found.workflow_digest != batch["workflow_digest"]:
+            raise ValueError(f"batch {batch['uri']} exists already with other jobs or another workflow; choose "
+                             "another --batch name")
+        return found.id, False
+
     @_unavailable
     def batch(self, name_or_uri: str) -> dict:
         """A batch by its URI (what submit printed) or its name."""
         column = batches.c.uri if "://" in name_or_uri else batches.c.name
-        with self.engine.connect() as connection:
+        with self.reader.connect() as connection:
             found = connection.execute(select(batches).where(column == name_or_uri.rstrip("/"))).mappings().all()
         if not found:
             raise ValueError(f"no batch {name_or_uri!r} in the job database {self.display}; give what `submit` printed")
@@ -165,37 +203,43 @@ class JobDB:
 
     # -- doorbells -------------------------------------------------------------------------------------------
     @_unavailable
-    def silent(self, grace_s: float, limit: int) -> list[int]:
-        """Queued, claimable jobs whose last message is older than grace_s: the broker may have lost it."""
+    def silent(self, grace_s: float, limit: int) -> list[tuple[int, float]]:
+        """Queued, claimable jobs whose last message is older than grace_s (the broker may have lost it):
+        [(id, not_before)], as `rang` takes them."""
         now = db_now()
-        with self.engine.connect() as connection:
-            return list(connection.execute(
-                select(jobs.c.id).where(jobs.c.state == "queued", jobs.c.not_before <= now,
-                                        jobs.c.doorbell_at < now - grace_s).order_by(jobs.c.id).limit(limit)).scalars())
+        with self.reader.connect() as connection:
+            return [tuple(row) for row in connection.execute(
+                select(jobs.c.id, jobs.c.not_before).where(jobs.c.state == "queued", jobs.c.not_before <= now,
+                                                           jobs.c.doorbell_at < now - grace_s)
+                .order_by(jobs.c.id).limit(limit))]
 
     @_unavailable
-    def rang(self, ids: list[int]) -> None:
-        """Messages were queued for these jobs (not before their backoff ends: a message waits for none)."""
-        if not ids:
-            return
-        with self.engine.begin() as connection:
-            for start in range(0, len(ids), 1000):
-                connection.execute(update(jobs).where(jobs.c.id.in_(ids[start:start + 1000]))
-                                   .values(doorbell_at=func.max(db_now(), jobs.c.not_before)
-                                           if self.dialect == "sqlite" else func.greatest(db_now(), jobs.c.not_before)))
-
-    @_unavailable
-    def due(self, limit: int = 10_000, batch_id: int | None = None) -> list[int]:
+    def due(self, limit: int = 10_000, batch_id: int | None = None) -> list[tuple[int, float]]:
         """Queued jobs that became claimable after their last message (new, handed back and past their backoff,
-        lease lapsed, retried): ring them now."""
+        lease lapsed, retried): ring them now. [(id, not_before)], as `rang` takes them."""
         now = db_now()
-        query = (select(jobs.c.id).where(jobs.c.state == "queued", jobs.c.not_before <= now,
-                                         or_(jobs.c.doorbell_at.is_(None), jobs.c.doorbell_at < jobs.c.not_before))
+        query = (select(jobs.c.id, jobs.c.not_before)
+                 .where(jobs.c.state == "queued", jobs.c.not_before <= now,
+                        or_(jobs.c.doorbell_at.is_(None), jobs.c.doorbell_at < jobs.c.not_before))
                  .order_by(jobs.c.id).limit(limit))
         if batch_id is not None:
             query = query.where(jobs.c.batch_id == batch_id)
-        with self.engine.connect() as connection:
-            return list(connection.execute(query).scalars())
+        with self.reader.connect() as connection:
+            return [tuple(row) for row in connection.execute(query)]
+
+    @_unavailable
+    def rang(self, seen: list[tuple[int, float]]) -> None:
+        """Messages were queued for these (id, not_before) pairs. A job that changed meanwhile (a worker took the
+        message, then handed the job back with a new backoff) is left due: its next message is still owed."""
+        if not seen:
+            return
+        statement = (update(jobs).where(jobs.c.id == bindparam("seen_id"), jobs.c.state == "queued",
+                                        jobs.c.not_before == bindparam("seen_not_before"))
+                     .values(doorbell_at=db_now()))
+        with self.engine.begin() as connection:
+            for start in range(0, len(seen), 5000):
+                connection.execute(statement, [{"seen_id": job_id, "seen_not_before": not_before}
+                                               for job_id, not_before in seen[start:start + 5000]])
 
     # -- one attempt -----------------------------------------------------------------------------------------
     @_unavailable
@@ -226,6 +270,10 @@ class JobDB:
                                        attempts.c.token < row.token)
                 .values(ended_at=now, outcome="lease expired", error="the worker stopped renewing its lease")
                 .returning(attempts.c.server, attempts.c.prompt_id)).all()
+            if not lapsed:  # expired by the reconciler already: its prompt may still render all the same
+                lapsed = connection.execute(select(attempts.c.server, attempts.c.prompt_id).where(
+                    attempts.c.job_id == job_id, attempts.c.token == row.token - 1,
+                    attempts.c.outcome == "lease expired")).all()
             connection.execute(insert(attempts).values(job_id=job_id, token=row.token, worker=worker, server=server,
                                                        started_at=now))
             batch = dict(connection.execute(select(batches).where(batches.c.id == row.batch_id)).mappings().one())
@@ -244,11 +292,12 @@ class JobDB:
 
     @_unavailable
     def note_prompt(self, job_id: int, token: int, prompt_id: str) -> bool:
-        with self.engine.begin() as connection:
+        with self.engine.begin() as connection:  # jobs, then attempts: the order every writer takes its locks in
+            held = connection.execute(update(jobs).where(self._holder(job_id, token))
+                                      .values(prompt_id=prompt_id)).rowcount == 1
             connection.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.token == token)
                                .values(prompt_id=prompt_id))
-            return connection.execute(update(jobs).where(self._holder(job_id, token))
-                                      .values(prompt_id=prompt_id)).rowcount == 1
+            return held
 
     @_unavailable
     def stage(self, job_id: int, token: int, staged_key: str, sha256: str, size: int) -> bool:
@@ -257,6 +306,13 @@ class JobDB:
         with self.engine.begin() as connection:
             return connection.execute(update(jobs).where(self._holder(job_id, token), jobs.c.staged_key.is_(None))
                                       .values(staged_key=staged_key, sha256=sha256, bytes=size)).rowcount == 1
+
+    @_unavailable
+    def unstage(self, job_id: int, token: int) -> bool:
+        """Forget a staged output that is gone from the store (the next attempt renders the job again)."""
+        with self.engine.begin() as connection:
+            return connection.execute(update(jobs).where(self._holder(job_id, token))
+                                      .values(staged_key=None, sha256=None, bytes=None)).rowcount == 1
 
     @_unavailable
     def finish(self, job_id: int, token: int, state: str, **fields) -> bool:
@@ -293,7 +349,7 @@ class JobDB:
         now = db_now()
         with self.engine.begin() as connection:
             row = connection.execute(select(jobs.c.failures, batches.c.retries).join(batches)
-                                     .where(self._holder(job_id, token))).first()
+                                     .where(self._holder(job_id, token)).with_for_update(of=jobs)).first()
             if row is None:
                 return None
             failures = row.failures + (1 if job_failure else 0)
@@ -304,8 +360,10 @@ class JobDB:
             else:
                 values["finished_at"] = now
                 values["error"] = f"{reason} (gave up after {failures} failed attempts)"
-            connection.execute(update(jobs).where(self._holder(job_id, token)).values(**values))
-            connection.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.token == token)
+            if connection.execute(update(jobs).where(self._holder(job_id, token)).values(**values)).rowcount != 1:
+                return None
+            connection.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.token == token,
+                                                      attempts.c.ended_at.is_(None))
                                .values(ended_at=now, outcome="retry" if job_failure else "released", error=reason))
         return state
 
@@ -317,11 +375,17 @@ class JobDB:
         with self.engine.begin() as connection:
             ids = list(connection.execute(select(jobs.c.id).where(jobs.c.state == "running", jobs.c.lease_until < now)
                                           .limit(limit)).scalars())
-            if ids:
-                connection.execute(update(jobs).where(jobs.c.id.in_(ids), jobs.c.state == "running",
-                                                      jobs.c.lease_until < now)
-                                   .values(state="queued", lease_until=None, not_before=now))
-        return ids
+            if not ids:
+                return []
+            expired = sorted(connection.execute(update(jobs).where(jobs.c.id.in_(ids), jobs.c.state == "running",
+                                                                   jobs.c.lease_until < now)
+                                                .values(state="queued", lease_until=None, not_before=now)
+                                                .returning(jobs.c.id)).scalars())
+            if expired:
+                connection.execute(update(attempts).where(attempts.c.job_id.in_(expired), attempts.c.ended_at.is_(None))
+                                   .values(ended_at=now, outcome="lease expired",
+                                           error="the worker stopped renewing its lease"))
+            return expired
 
     @_unavailable
     def try_lock(self, name: str, holder: str, seconds: float) -> bool:
@@ -339,10 +403,15 @@ class JobDB:
             except IntegrityError:
                 return False
 
+    @_unavailable
+    def unlock(self, name: str, holder: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(update(locks).where(locks.c.name == name, locks.c.holder == holder).values(until=0.0))
+
     # -- status ----------------------------------------------------------------------------------------------
     @_unavailable
     def counts(self, batch_id: int) -> dict[str, int]:
-        with self.engine.connect() as connection:
+        with self.reader.connect() as connection:
             found = dict(connection.execute(select(jobs.c.state, func.count()).where(jobs.c.batch_id == batch_id)
                                             .group_by(jobs.c.state)).all())
         return {state: found.get(state, 0) for state in ("queued", "running", "done", "failed", "cancelled")}
@@ -351,7 +420,7 @@ class JobDB:
     def by_worker(self, batch_id: int) -> dict[str, dict]:
         """Per worker: done and failed counts and the jobs it runs now."""
         report: dict[str, dict] = {}
-        with self.engine.connect() as connection:
+        with self.reader.connect() as connection:
             for worker, state, count in connection.execute(
                     select(jobs.c.worker, jobs.c.state, func.count())
                     .where(jobs.c.batch_id == batch_id, jobs.c.state.in_(("done", "failed")))
@@ -366,18 +435,18 @@ class JobDB:
     def failed(self, batch_id: int, limit: int | None = None) -> list[dict]:
         query = (select(jobs.c.name, jobs.c.error).where(jobs.c.batch_id == batch_id, jobs.c.state == "failed")
                  .order_by(jobs.c.name))
-        with self.engine.connect() as connection:
+        with self.reader.connect() as connection:
             return [{"id": name, "error": error} for name, error in connection.execute(query.limit(limit))]
 
     @_unavailable
     def job_rows(self, batch_id: int) -> list[dict]:
-        with self.engine.connect() as connection:
+        with self.reader.connect() as connection:
             return [dict(row) for row in connection.execute(select(jobs).where(jobs.c.batch_id == batch_id)
                                                             .order_by(jobs.c.position)).mappings()]
 
     @_unavailable
     def attempt_rows(self, job_id: int) -> list[dict]:
-        with self.engine.connect() as connection:
+        with self.reader.connect() as connection:
             return [dict(row) for row in connection.execute(select(attempts).where(attempts.c.job_id == job_id)
                                                             .order_by(attempts.c.id)).mappings()]
 

@@ -390,7 +390,7 @@ def test_a_store_outage_longer_than_every_retry_loses_and_doubles_nothing(fleet)
     fleet.s3.start()  # the same address
     status, records = fleet.wait(uri)
     assert status == 0 and [r["status"] for r in records] == ["done"] * 3
-    assert len(fleet.prompts("s")) == 3 and max(fleet.prompts("s").values()) <= 2
+    assert fleet.prompts("s") == {"s0": 1, "s1": 1, "s2": 1}  # an outage hands a job back before or after ComfyUI
     trails = fleet.attempts("outage")
     assert all(trail.count("done") == 1 and "retry" not in trail for trail in trails.values()), trails
     assert fleet.objects("renders/outage/") == sorted(
@@ -478,6 +478,12 @@ def test_a_worker_whose_comfyui_is_down_takes_no_jobs(fleet):
     while "takes jobs again" not in fleet.log("w1@test", before):
         assert time.time() < deadline, fleet.log("w1@test", before)
         time.sleep(0.5)
+    fleet.workers["w0@test"].send_signal(signal.SIGSTOP)  # and really does: the only worker left awake
+    try:
+        status, records = fleet.wait(fleet.submit(_jobs("e", 1, 320), "again"))
+    finally:
+        fleet.workers["w0@test"].send_signal(signal.SIGCONT)
+    assert status == 0 and records[0]["worker"] == "w1@test"
 
 
 def test_a_comfyui_without_the_model_takes_no_job_and_says_why(fleet):
@@ -486,7 +492,7 @@ def test_a_comfyui_without_the_model_takes_no_job_and_says_why(fleet):
     bare = ComfyUI(fleet.top / "bare", empty, threads=1).start()
     try:
         bare.wait()
-        name = fleet.start_worker(0, "bare@test", server=bare)
+        name = fleet.start_worker(0, "bare", server=bare)  # a name without @: Celery calls it celery@bare
         deadline = time.time() + 30
         while "takes no jobs until this is fixed" not in fleet.log(name):
             assert time.time() < deadline, fleet.log(name)
@@ -495,11 +501,11 @@ def test_a_comfyui_without_the_model_takes_no_job_and_says_why(fleet):
         assert "lacks model files: Sonic/unet.pth" in told and "python -m sonic download" in told, told
         uri = fleet.submit(_jobs("m", 2, 600), "nomodel")
         status, records = fleet.wait(uri)
-        assert status == 0 and "bare@test" not in {r["worker"] for r in records}
+        assert status == 0 and "bare" not in {r["worker"] for r in records}
         assert fleet.prompts("m", [bare]) == {}
     finally:
-        if "bare@test" in fleet.workers:
-            fleet.stop_worker("bare@test")
+        if "bare" in fleet.workers:
+            fleet.stop_worker("bare")
         bare.stop()
 
 

@@ -163,11 +163,15 @@ def test_outages_never_fail_a_job_its_own_failures_use_its_retries(db):
     assert [a["outcome"] for a in db.attempt_rows(own)] == ["retry", "retry", "retry-failed"]
 
 
+def ids_of(pairs):
+    return [job_id for job_id, _ in pairs]
+
+
 def test_the_reconcilers_queries(db):
     batch_id, _ = db.create_batch(batch(), rows(3))
     a, b, c = job_ids(db, batch_id)
-    assert db.due(batch_id=batch_id) == [a, b, c]  # new: never rung
-    db.rang([a, b, c])
+    assert ids_of(db.due(batch_id=batch_id)) == [a, b, c]  # new: never rung
+    db.rang(db.due())
     assert db.due() == [] and db.silent(grace_s=0.5, limit=10) == []
     claim = db.claim(a, "w1", "http://a", lease_s=0.4)  # w1 will die
     other = db.claim(b, "w2", "http://b", lease_s=30.0)
@@ -176,11 +180,31 @@ def test_the_reconcilers_queries(db):
     assert isinstance(db.claim(b, "w3", "http://c", 30.0), str)  # not claimable before its backoff ends either
     time.sleep(0.9)
     assert db.expire_leases() == [a]
-    assert db.due() == [a, b]  # the lapsed job and the one whose backoff ended
-    assert db.silent(grace_s=0.5, limit=10) == [a, b, c]  # c's message is older than the grace: maybe lost
-    db.rang([a, b])
+    assert ids_of(db.due()) == [a, b]  # the lapsed job and the one whose backoff ended
+    assert ids_of(db.silent(grace_s=0.5, limit=10)) == [a, b, c]  # c's message is older than the grace: maybe lost
+    db.rang(db.due())
     assert db.due() == []
-    assert claim.token == 1 and db.claim(a, "w2", "http://b", 30.0).token == 2
+    # the old holder of a, whose lease the reconciler expired: everything it says is refused, its trail kept
+    assert not db.heartbeat(a, claim.token, 30.0) and not db.stage(a, claim.token, "s3://x/a.1.mp4", "1" * 64, 1)
+    assert db.release(a, claim.token, "store unreachable", 0.0, job_failure=False) is None
+    assert not db.finish(a, claim.token, "done", output_key="s3://x/a.mp4", sha256="1" * 64, bytes=1)
+    db.note_prompt(a, claim.token, "prompt-1")  # refused for the job; kept in its attempt
+    retaken = db.claim(a, "w2", "http://b", 30.0)
+    assert retaken.token == 2 and retaken.taken_over == [("http://a", "prompt-1")]  # to interrupt there
+    assert [(t["token"], t["outcome"]) for t in db.attempt_rows(a)] == [(1, "lease expired"), (2, None)]
+
+
+def test_a_job_handed_back_while_its_message_was_being_marked_is_rung_again(db):
+    """The reconciler reads a due job, rings it; a worker takes the message at once and hands the job back with
+    a backoff; only then does the reconciler mark it rung. The job still owes a message after its backoff."""
+    batch_id, _ = db.create_batch(batch(), rows(1))
+    seen = db.due(batch_id=batch_id)
+    (job,) = ids_of(seen)
+    claim = db.claim(job, "w1", "http://a", 30.0)  # the worker got the message before `rang`
+    assert db.release(job, claim.token, "ComfyUI does not answer", delay_s=0.3, job_failure=False) == "queued"
+    db.rang(seen)
+    time.sleep(0.4)
+    assert ids_of(db.due()) == [job]
 
 
 def test_one_reconciler_at_a_time(db):
