@@ -1,7 +1,8 @@
 """Command line: `python -m sonic <command>` (installed as `sonic-portrait` too).
 
 One module per command group, each with `add_parsers(sub)` whose commands name their `run(args) -> exit status`:
-`generate`, `lipsync`, `models` (download, convert), `batch`, `fleet` (submit, status, worker, db). This module builds
+`generate`, `lipsync`, `models` (download, convert), `batch`, `fleet` (submit, status, worker, db), `service`
+(serve). This module builds
 the parser, runs the command and turns its errors into messages and exit statuses (`sonic.exits`), for every
 command in one place.
 """
@@ -41,12 +42,12 @@ def _as_module() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import batch, fleet, generate, lipsync, models
+    from . import batch, fleet, generate, lipsync, models, service
 
     parser = argparse.ArgumentParser(prog="python -m sonic" if _as_module() else "sonic-portrait",
                                      description="Sonic talking-head video generation")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (generate, lipsync, models, batch, fleet):
+    for group in (generate, lipsync, models, batch, fleet, service):
         group.add_parsers(sub)
     return parser
 

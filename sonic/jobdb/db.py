@@ -388,6 +388,17 @@ class JobDB:
             return expired
 
     @_unavailable
+    def lapsed_prompts(self, job_ids: list[int]) -> list[tuple[str, str]]:
+        """(server, prompt id) of these jobs' attempts that ended because their lease lapsed (to interrupt)."""
+        if not job_ids:
+            return []
+        with self.reader.connect() as connection:
+            return [(server, prompt_id) for server, prompt_id in connection.execute(
+                select(attempts.c.server, attempts.c.prompt_id).where(
+                    attempts.c.job_id.in_(job_ids), attempts.c.outcome == "lease expired",
+                    attempts.c.prompt_id.is_not(None)))]
+
+    @_unavailable
     def try_lock(self, name: str, holder: str, seconds: float) -> bool:
         """A named lock for `seconds` (the reconciler's: one of many workers does the work of a round)."""
         now = db_now()
@@ -435,6 +446,64 @@ class JobDB:
     def failed(self, batch_id: int, limit: int | None = None) -> list[dict]:
         query = (select(jobs.c.name, jobs.c.error).where(jobs.c.batch_id == batch_id, jobs.c.state == "failed")
                  .order_by(jobs.c.name))
+        with self.reader.connect() as connection:
+            return [{"id": name, "error": error} for name, error in connection.execute(query.limit(limit))]
+
+    # -- the service's view: one tenant's jobs --------------------------------------------------------------
+    @_unavailable
+    def batch_by_idempotency(self, tenant: str, key: str) -> dict | None:
+        with self.reader.connect() as connection:
+            row = connection.execute(select(batches).where(batches.c.tenant == tenant,
+                                                           batches.c.idempotency_key == key)).mappings().first()
+        return dict(row) if row else None
+
+    def _tenant_jobs(self):
+        return (select(jobs, batches.c.name.label("batch_name"), batches.c.uri.label("batch_uri"),
+                       batches.c.url_expiry_s, batches.c.tenant)
+                .join(batches, jobs.c.batch_id == batches.c.id))
+
+    @_unavailable
+    def tenant_job(self, tenant: str, batch_name: str) -> dict | None:
+        """A tenant's single-job batch by its name (the service's job id); None for any other tenant's."""
+        with self.reader.connect() as connection:
+            row = connection.execute(self._tenant_jobs().where(batches.c.tenant == tenant,
+                                                               batches.c.name == batch_name)).mappings().first()
+        return dict(row) if row else None
+
+    @_unavailable
+    def tenant_jobs(self, tenant: str, state: str | None, limit: int, before: int | None) -> list[dict]:
+        """A tenant's jobs, newest first, `limit` of them from before job id `before` (a cursor)."""
+        query = self._tenant_jobs().where(batches.c.tenant == tenant).order_by(jobs.c.id.desc()).limit(limit)
+        if state:
+            query = query.where(jobs.c.state == state)
+        if before is not None:
+            query = query.where(jobs.c.id < before)
+        with self.reader.connect() as connection:
+            return [dict(row) for row in connection.execute(query).mappings()]
+
+    @_unavailable
+    def cancel(self, job_id: int) -> tuple[str, str | None, str | None] | None:
+        """queued or running -> cancelled (a new token: the running attempt's writes are refused from now on)
+        -> (the state it had, its ComfyUI server, its prompt id), or None when it had finished already."""
+        now = db_now()
+        with self.engine.begin() as connection:
+            row = connection.execute(select(jobs.c.state, jobs.c.server, jobs.c.prompt_id).where(
+                jobs.c.id == job_id).with_for_update()).first()
+            if row is None or row.state not in ("queued", "running"):
+                return None
+            if connection.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == row.state)
+                                  .values(state="cancelled", token=jobs.c.token + 1, lease_until=None,
+                                          finished_at=now, error="cancelled")).rowcount != 1:
+                return None
+            connection.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.ended_at.is_(None))
+                               .values(ended_at=now, outcome="cancelled", error="cancelled by its owner"))
+        return row.state, row.server, row.prompt_id
+
+    @_unavailable
+    def waiting(self, batch_id: int, limit: int | None = 50) -> list[dict]:
+        """Queued jobs that were handed back, with the reason (an outage, a worker's refusal, a retry)."""
+        query = (select(jobs.c.name, jobs.c.error).where(jobs.c.batch_id == batch_id, jobs.c.state == "queued",
+                                                        jobs.c.error.is_not(None)).order_by(jobs.c.name))
         with self.reader.connect() as connection:
             return [{"id": name, "error": error} for name, error in connection.execute(query.limit(limit))]
 

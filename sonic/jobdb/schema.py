@@ -36,6 +36,8 @@ batches = Table(
     Column("backoff_s", Float, nullable=False),
     Column("url_expiry_s", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("idempotency_key", String(256)),  # the service's Idempotency-Key: one batch per tenant and key
+    UniqueConstraint("tenant", "idempotency_key"),
 )
 
 jobs = Table(
@@ -88,6 +90,24 @@ attempts = Table(
     Column("outcome", String(32)),  # done, failed, released, retry, lease expired, fenced, retry-failed
     Column("error", Text),
     Index(None, "job_id"),
+)
+
+tenants = Table(
+    "tenants", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("webhook_secret", String(128), nullable=False),  # whsec_<base64>: signs the tenant's webhooks
+    Column("created_at", Float, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("tenant_id", Integer, ForeignKey("tenants.id"), nullable=False),
+    Column("prefix", String(16), nullable=False),  # the key's first characters, to tell keys apart
+    Column("key_hash", String(64), nullable=False, unique=True),  # sha256 of the key: keys are shown once
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float),
 )
 
 locks = Table(

@@ -76,9 +76,25 @@ def test_the_migration_builds_exactly_the_tables_the_code_uses(db):
     with db.engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), metadata)
     assert differences == []
-    assert current(db.engine) == head() == "0001"
+    assert current(db.engine) == head() == "0002"
     db.upgrade()  # again: nothing to do
     db.check_schema()
+
+
+def test_an_old_database_is_upgraded_with_its_jobs(tmp_path):
+    from sonic.jobdb.migrate import current, upgrade
+
+    old = JobDB(f"sqlite:///{tmp_path / 'old.db'}")
+    upgrade(old.engine, "0001")
+    with pytest.raises(RuntimeError, match="is at schema version 0001, this code needs 0002"):
+        old.check_schema()
+    with old.engine.begin() as connection:  # a batch written by the previous version
+        connection.exec_driver_sql(
+            "INSERT INTO batches (name, uri, workflow, workflow_name, workflow_digest, schema, jobs_digest, retries, "
+            "backoff_s, url_expiry_s, created_at) VALUES ('b0', 's3://x/b0', '{}', 'w', 'd', '{}', 'j', 2, 5, 60, 0)")
+    old.upgrade()
+    assert current(old.engine) == "0002" and old.batch("b0")["idempotency_key"] is None
+    old.close()
 
 
 def test_a_database_without_tables_says_which_command_makes_them(tmp_path):
@@ -103,12 +119,12 @@ def test_a_batch_is_recorded_once(db):
 def test_claims_are_fenced_and_leases_run_on_the_database_clock(db):
     batch_id, _ = db.create_batch(batch(), rows(1))
     (job,) = job_ids(db, batch_id)
-    first = db.claim(job, "w1", "http://a", lease_s=1.0)
+    first = db.claim(job, "w1", "http://a", lease_s=4.0)
     assert first.token == 1 and first.attempts == 1 and first.batch["uri"] == "s3://studio/renders/b1"
     assert db.note_prompt(job, first.token, "prompt-a")
-    refused = db.claim(job, "w2", "http://b", lease_s=1.0)
+    refused = db.claim(job, "w2", "http://b", lease_s=4.0)
     assert isinstance(refused, str) and refused.startswith("running on w1 under a lease")
-    time.sleep(1.3)  # the lease lapses: w1 stopped renewing it
+    time.sleep(4.3)  # the lease lapses: w1 stopped renewing it
     second = db.claim(job, "w2", "http://b", lease_s=30.0)
     assert second.token == 2 and second.attempts == 2 and second.taken_over == [("http://a", "prompt-a")]
     # everything the first attempt says from now on is refused and changes nothing
@@ -159,8 +175,11 @@ def test_outages_never_fail_a_job_its_own_failures_use_its_retries(db):
     assert db.release(own, claim.token, "again", 0.0, job_failure=True) is None  # not held any more
     assert db.counts(batch_id)["failed"] == 1 and db.counts(batch_id)["queued"] == 1
     assert db.failed(batch_id) == [{"id": "j1", "error": "out of memory (gave up after 2 failed attempts)"}]
+    assert {r["name"]: r["failures"] for r in db.job_rows(batch_id)} == {"j0": 0, "j1": 2}
     assert db.retry_failed(batch_id) == 1 and db.counts(batch_id)["queued"] == 2
     assert [a["outcome"] for a in db.attempt_rows(own)] == ["retry", "retry", "retry-failed"]
+    claim = db.claim(own, "w1", "http://a", 30.0)  # its retries are fresh again
+    assert db.release(own, claim.token, "out of memory", 0.0, job_failure=True) == "queued"
 
 
 def ids_of(pairs):
@@ -172,23 +191,26 @@ def test_the_reconcilers_queries(db):
     a, b, c = job_ids(db, batch_id)
     assert ids_of(db.due(batch_id=batch_id)) == [a, b, c]  # new: never rung
     db.rang(db.due())
-    assert db.due() == [] and db.silent(grace_s=0.5, limit=10) == []
-    claim = db.claim(a, "w1", "http://a", lease_s=0.4)  # w1 will die
+    assert db.due() == [] and db.silent(grace_s=2.0, limit=10) == []
+    claim = db.claim(a, "w1", "http://a", lease_s=2.0)  # w1 will die
     other = db.claim(b, "w2", "http://b", lease_s=30.0)
-    assert db.release(b, other.token, "store unreachable", delay_s=0.8, job_failure=False) == "queued"
+    assert db.release(b, other.token, "store unreachable", delay_s=2.5, job_failure=False) == "queued"
     assert db.due() == []  # in its backoff
     assert isinstance(db.claim(b, "w3", "http://c", 30.0), str)  # not claimable before its backoff ends either
-    time.sleep(0.9)
+    live = db.claim(c, "w4", "http://d", lease_s=30.0)  # a live lease: not expired
+    time.sleep(2.7)
     assert db.expire_leases() == [a]
-    assert ids_of(db.due()) == [a, b]  # the lapsed job and the one whose backoff ended
-    assert ids_of(db.silent(grace_s=0.5, limit=10)) == [a, b, c]  # c's message is older than the grace: maybe lost
+    assert db.release(c, live.token, "store unreachable", 0.0, job_failure=False) == "queued"
+    assert ids_of(db.due()) == [a, b, c]  # the lapsed job and those whose backoff ended
+    assert ids_of(db.silent(grace_s=2.0, limit=10)) == [a, b, c]  # their messages are older than the grace
     db.rang(db.due())
     assert db.due() == []
     # the old holder of a, whose lease the reconciler expired: everything it says is refused, its trail kept
     assert not db.heartbeat(a, claim.token, 30.0) and not db.stage(a, claim.token, "s3://x/a.1.mp4", "1" * 64, 1)
     assert db.release(a, claim.token, "store unreachable", 0.0, job_failure=False) is None
     assert not db.finish(a, claim.token, "done", output_key="s3://x/a.mp4", sha256="1" * 64, bytes=1)
-    db.note_prompt(a, claim.token, "prompt-1")  # refused for the job; kept in its attempt
+    assert not db.note_prompt(a, claim.token, "prompt-1")  # refused for the job; kept in its attempt
+    assert next(r for r in db.job_rows(batch_id) if r["id"] == a)["prompt_id"] is None
     retaken = db.claim(a, "w2", "http://b", 30.0)
     assert retaken.token == 2 and retaken.taken_over == [("http://a", "prompt-1")]  # to interrupt there
     assert [(t["token"], t["outcome"]) for t in db.attempt_rows(a)] == [(1, "lease expired"), (2, None)]
@@ -201,10 +223,11 @@ def test_a_job_handed_back_while_its_message_was_being_marked_is_rung_again(db):
     seen = db.due(batch_id=batch_id)
     (job,) = ids_of(seen)
     claim = db.claim(job, "w1", "http://a", 30.0)  # the worker got the message before `rang`
-    assert db.release(job, claim.token, "ComfyUI does not answer", delay_s=0.3, job_failure=False) == "queued"
-    db.rang(seen)
-    time.sleep(0.4)
+    assert db.release(job, claim.token, "ComfyUI does not answer", delay_s=0.0, job_failure=False) == "queued"
+    db.rang(seen)  # marks nothing: the job changed since it was read
     assert ids_of(db.due()) == [job]
+    db.rang(db.due())
+    assert db.due() == []
 
 
 def test_one_reconciler_at_a_time(db):
@@ -212,7 +235,11 @@ def test_one_reconciler_at_a_time(db):
     assert db.try_lock("reconciler", "w1", 0.5)  # its holder renews it
     assert not db.try_lock("reconciler", "w2", 0.5)
     time.sleep(0.6)
-    assert db.try_lock("reconciler", "w2", 0.5)
+    assert db.try_lock("reconciler", "w2", 30.0)
+    db.unlock("reconciler", "w1")  # not its holder: nothing changes
+    assert not db.try_lock("reconciler", "w3", 30.0)
+    db.unlock("reconciler", "w2")  # a failed round gives the lock up at once
+    assert db.try_lock("reconciler", "w3", 30.0)
 
 
 def test_status_counts_per_worker(db):
