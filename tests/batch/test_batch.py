@@ -294,6 +294,30 @@ def _check_mp4(path: Path) -> dict:
     return info
 
 
+def _audio_lag_s(video: Path, source: Path, reach_s: float = 1.0) -> float:
+    """How much later (s, negative: earlier) the sound in an MP4 is than in the audio file it was made from: where
+    the video's decoded track matches the source best (normalized cross-correlation, to the sample at 16 kHz)."""
+    import av
+    import numpy as np
+
+    def decode(path):
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=16000)
+        with av.open(str(path)) as container:
+            frames = [out for frame in container.decode(audio=0) for out in resampler.resample(frame)]
+        frames += resampler.resample(None)
+        return np.concatenate([frame.to_ndarray().reshape(-1) for frame in frames]).astype(np.float64)
+
+    clip, whole = decode(video), decode(source)
+    size = 1 << (len(clip) + len(whole)).bit_length()
+    # correlation[k] = sum over t of clip[t] * whole[t + k]: the clip is the source `k` samples on (sound earlier)
+    correlation = np.fft.irfft(np.conj(np.fft.rfft(clip, size)) * np.fft.rfft(whole, size), size)
+    shifts = np.arange(-int(reach_s * 16000), int(reach_s * 16000) + 1)
+    energy = np.r_[0.0, np.cumsum(whole ** 2)]
+    overlap = energy[np.clip(shifts + len(clip), 0, len(whole))] - energy[np.clip(shifts, 0, len(whole))]
+    score = correlation[shifts % size] / np.sqrt(overlap + 1e-12)
+    return -float(shifts[int(np.argmax(score))]) / 16000
+
+
 SECRETS = ("X-Amz", "Signature", "Credential", S3Server.KEY)  # what a presigned link would carry
 
 
@@ -374,11 +398,17 @@ def test_mixed_batch_over_two_servers_then_resume(world):
         assert isinstance(record["lipsync_applied"], bool) and isinstance(record["lipsync_warning"], bool)
         delayed_ms = float(re.search(r"audio delayed by ([+-][\d.]+) ms$", record["lipsync_message"])[1])
         assert abs(delayed_ms - record["lipsync_applied_s"] * 1000) < 0.11, record
-        assert record["lipsync_applied"] == (record["lipsync_applied_s"] != 0), record
+        # ... and what it did to the sound: where speech.wav is in the MP4's audio track (the mp3 decodes in step)
+        lag = _audio_lag_s(video, material / "speech.wav")
+        assert abs(lag - record["lipsync_applied_s"]) < 0.001, (lag, record)
+        assert record["lipsync_applied"] == (abs(lag) > 0.001), (lag, record)
         if row["id"] == "url-wav":  # the job's lip_sync_offset column reached the node and moved the audio
             assert record["lipsync_applied"] is True and "manual offset +50.0 ms" in record["lipsync_message"]
             measured = record["lipsync_applied_s"] - 0.05  # what the measurement added, when it was trusted
             assert abs(measured) < 1e-3 or (abs(measured - record["offset"]) < 1e-3 and not record["lipsync_warning"])
+            # the sound moved 50 ms later than the measurement alone would have put it (when one was applied)
+            assert abs(lag - 0.05) < 0.01 or (abs(lag - record["offset"] - 0.05) < 0.01
+                                              and not record["lipsync_warning"]), (lag, record)
         else:
             assert "manual offset" not in record["lipsync_message"]
     assert {r["server"] for r in records.values()} == {s.url for s in world["servers"]}  # both servers worked
@@ -456,6 +486,17 @@ def test_check_says_what_it_checked(world):
                          "check passed; nothing was submitted"], lines
     assert client.list_objects_v2(Bucket="outputs", Prefix="checked/").get("Contents", []) == []  # its lock let go
     assert [_history_size(s) for s in world["servers"]] == sizes
+    # a destination that cannot be written: the check says so and fails, it never calls it writable
+    (material / "a-file").write_text("not a folder")
+    for out, said in (("s3://missing-bucket/x", r"error: s3://missing-bucket/x: bucket 'missing-bucket' is not "
+                       r"reachable with these credentials \((NoSuchBucket|404)\); check the bucket name, AWS_\* "
+                       r"credentials and --s3-endpoint"),
+                      (str(material / "a-file"), re.escape(f"error: --out {material / 'a-file'} is a file; give a "
+                                                           "folder or s3://bucket/prefix"))):
+        result = run_batch(world, str(jobs), *_servers(world), "--out", out, "--check")
+        assert result.returncode == 2 and re.fullmatch(said, result.stderr.strip()), (out, result)
+        assert "writable" not in result.stdout and "check passed" not in result.stdout, (out, result.stdout)
+    assert [_history_size(s) for s in world["servers"]] == sizes
     # the same as one JSON event
     result = run_batch(world, str(jobs), *_servers(world), "--out", str(world["top"] / "out-check"), "--check", "--json")
     events = _events(result.stdout)
@@ -525,11 +566,14 @@ def test_s3_manifest_pieces_read_back_once(world, monkeypatch):
         first.append({"id": f"j{n}", "status": "done", "n": n})
     assert keys("pieces/") == [f"pieces/manifest.d/{first.run}-{n:08d}-j{n}.jsonl" for n in range(3)]
     first.append({"id": "j0", "status": "failed"})  # the last line of an id is its state
-    whole = "".join(line + "\n" for line in first.lines)
+    # an earlier rewrite holds the first two lines only; every line is still a piece, the last two only there
+    whole = "".join(line + "\n" for line in first.lines[:2])
     client.put_object(Bucket="outputs", Key="pieces/manifest.jsonl", Body=whole.encode())  # rewritten, then killed
     again = Manifest("s3://outputs/pieces/manifest.jsonl", store)
-    assert again.lines == first.lines and again.latest["j0"]["status"] == "failed"
+    assert again.lines == first.lines and again.latest["j0"]["status"] == "failed"  # j0 done, j1, j2, j0 failed
+    assert [json.loads(line)["id"] for line in again.lines] == ["j0", "j1", "j2", "j0"]  # each line once
     assert keys("pieces/") == ["pieces/manifest.jsonl"]  # the leftover pieces folded in at once
+    assert store.read("s3://outputs/pieces/manifest.jsonl").decode().splitlines() == first.lines  # and written
     monkeypatch.setattr(manifest_mod, "CONSOLIDATE_S", 0.0)  # rewritten while running once pieces are a tenth
     again.append({"id": "j3", "status": "done"})
     assert keys("pieces/") == ["pieces/manifest.jsonl"] and len(manifest_mod.parse_lines(
