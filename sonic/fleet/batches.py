@@ -121,10 +121,10 @@ def submit(jobs_path: Path, broker: str | None, out: str, database: str, workflo
 def manifest_line(row: dict, s3: S3, url_expiry_s: int) -> dict:
     """A job's row -> the batch runner's manifest record, with a link made now."""
     from ..jobs.jobsfile import Job
-    from ..jobs.manifest import FIELDS
+    from ..jobs.manifest import FIELDS, LIPSYNC_FIELDS
 
     job = Job.from_message(row["spec"])
-    record = dict.fromkeys(FIELDS)
+    record = dict.fromkeys(FIELDS + LIPSYNC_FIELDS)
     lipsync = row.get("lipsync") or {}
     record.update(id=row["name"], status=row["state"], output=row["output_key"], sha256=row["sha256"],
                   bytes=row["bytes"], server=row["server"], worker=row["worker"], prompt_id=row["prompt_id"],
@@ -161,7 +161,8 @@ def status(batch_ref: str, broker: str | None, database: str, wait: bool = False
                 total = sum(counts.values())
                 failed = db.failed(batch["id"])
                 report = {"batch": batch["uri"], "jobs": total, **counts, "workers": db.by_worker(batch["id"]),
-                          "failed_jobs": failed, "broker_waiting": waiting(app) if app is not None else None}
+                          "failed_jobs": failed, "waiting_jobs": db.waiting(batch["id"]),
+                          "broker_waiting": waiting(app) if app is not None else None}
                 finished = counts["queued"] + counts["running"] == 0
                 if as_json and report != last:
                     print(json.dumps(report), flush=True)
@@ -169,7 +170,8 @@ def status(batch_ref: str, broker: str | None, database: str, wait: bool = False
                     if bar is None:
                         from tqdm import tqdm
 
-                        bar = tqdm(total=total, unit="job", desc=batch["name"], file=sys.stderr, dynamic_ncols=True)
+                        bar = tqdm(total=total, unit="job", desc=batch["name"], file=sys.stderr, dynamic_ncols=True,
+                                   smoothing=0)  # the rate over the whole wait, not over the polls
                     ended = total - counts["queued"] - counts["running"]
                     bar.update(ended - bar.n)
                     bar.set_postfix_str(f"done {counts['done']} failed {counts['failed']} running {counts['running']} "
@@ -220,9 +222,10 @@ def _describe(report: dict) -> str:
         running = f", running {', '.join(entry['running'])}" if entry["running"] else ""
         lines.append(f"  {worker}: {entry['done']} done, {entry['failed']} failed{running}")
     lines.extend(_failure_line(failed) for failed in report["failed_jobs"])
+    lines.extend(_failure_line(handed, "waiting") for handed in report["waiting_jobs"])
     return "\n".join(lines)
 
 
-def _failure_line(failed: dict) -> str:
+def _failure_line(failed: dict, what: str = "failed") -> str:
     reason = " ".join((failed["error"] or "no reason recorded").split())  # one line
-    return f"  failed {failed['id']}: {reason if len(reason) <= 240 else reason[:239] + '…'}"
+    return f"  {what} {failed['id']}: {reason if len(reason) <= 240 else reason[:239] + '…'}"

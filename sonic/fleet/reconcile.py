@@ -1,7 +1,8 @@
 """The reconciler: what makes a crash anywhere lose nothing. One round (run by every worker every
 SONIC_RECONCILE_INTERVAL seconds, and by `status --wait`; a database lock lets one of them do it at a time):
 
-1. running jobs whose lease lapsed (their worker died or stopped) go back to queued;
+1. running jobs whose lease lapsed (their worker died or stopped) go back to queued, and their prompts are
+   interrupted on their ComfyUI;
 2. queued jobs that are due (new, handed back, lease lapsed, backoff over) and were not rung since are rung;
 3. when the broker's queue is empty, claimable jobs whose message is older than SONIC_RECONCILE_GRACE seconds are
    rung again (the broker lost the message, or a worker took it while the database was down).
@@ -17,6 +18,17 @@ from .queue import ring, waiting
 
 log = logging.getLogger("sonic.fleet")
 BATCH_LIMIT = 5000
+
+
+def interrupt(prompts: list[tuple[str, str]]) -> None:
+    """Stop the prompts of lapsed attempts on their ComfyUI (a dead worker's prompt would render on, unseen), in
+    the background: a server that does not answer is gone anyway."""
+    import threading
+
+    from ..jobs.comfy_api import ComfyServer
+
+    for server, prompt_id in prompts:
+        threading.Thread(target=ComfyServer(server).cancel, args=(prompt_id, 5.0), daemon=True).start()
 
 
 def reconcile(db, app, holder: str, interval_s: float) -> dict:
@@ -39,6 +51,7 @@ def _round(db, app) -> dict:
     if done["expired"]:
         log.warning("reconciler: %d job(s) whose worker stopped renewing its lease go back to the queue",
                     len(done["expired"]))
+        interrupt(db.lapsed_prompts(done["expired"]))
     due = db.due(BATCH_LIMIT)
     ring(app, [job_id for job_id, _ in due])
     db.rang(due)

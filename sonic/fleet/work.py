@@ -33,9 +33,9 @@ from ..exits import EXIT_OK
 from ..jobdb.db import Claim, DatabaseUnavailable, JobDB
 from ..jobs.comfy_api import ComfyServer, PromptRejected, ServerUnreachable
 from ..jobs.jobsfile import Job, Workflow
-from ..jobs.manifest import timings
+from ..jobs.manifest import lipsync_fields, timings
 from ..jobs.storage import S3
-from .queue import QUEUE, TASK, make_app, safe_url
+from .queue import QUEUE, TASK, make_app, ring, safe_url
 from .store import BatchStore
 
 log = logging.getLogger("sonic.fleet")
@@ -253,7 +253,7 @@ class Worker:
             try:
                 if not self.server.alive():
                     self.block("comfyui", f"its ComfyUI at {self.server.url} does not answer")
-                self.recheck(resend=ticks % 6 == 0)
+                self.recheck(resend=ticks % 6 == 1)  # the first tick too: a command sent at start may be lost
             except Exception:  # noqa: BLE001
                 log.exception("health check of %s failed; checking again in %g s", self.name, WATCH_S)
 
@@ -266,6 +266,15 @@ class Worker:
             log.error("refused a message that is not a job id (%s%s): nothing runs", text[:200],
                       "…" if len(text) > 200 else "")
             return "refused"
+        if self.blockers:  # paused, but Celery's cancel has not reached the consumer yet (or was lost)
+            reasons = "; ".join(reason for reason, _ in list(self.blockers.values()))
+            time.sleep(1.0)
+            try:
+                ring(self.app, [message])  # to another worker; the reconciler would ring it again anyway
+            except Exception as exc:  # noqa: BLE001
+                log.warning("job #%d: could not queue it again (%s); the reconciler will", message, exc)
+            log.info("job #%d passed on: %s takes no jobs (%s)", message, self.name, reasons)
+            return "passed on"
         try:
             claim = self.db.claim(message, self.name, self.server.url, self.lease_s)
         except DatabaseUnavailable as exc:
@@ -459,7 +468,8 @@ class Worker:
                 return self.given_up(claim, lost, "the store did not take the MP4")
         finally:
             temp.unlink(missing_ok=True)
-        extra = {"timings": timings(*stamps, outcome.history), "lipsync": workflow.lipsync(outcome.history) or None}
+        extra = {"timings": timings(*stamps, outcome.history),
+                 "lipsync": lipsync_fields(workflow, outcome.history) or None}
         result = {}
 
         def stage():

@@ -73,13 +73,19 @@ class Fleet:
         from PIL import Image
 
         Image.linear_gradient("L").resize((144, 256)).convert("RGB").save(self.material / "noface.png")
-        self.redis = Redis(top / "redis").start()
-        self.postgres = PostgreSQL(top / "pg").start()
-        self.comfy = [ComfyUI(top / name, tiny_dir, threads=1).start() for name in ("a", "b")]
-        self.s3 = S3Server(top / "s3", ("studio",))
-        for server in self.comfy:
-            server.wait()
+        self.redis = self.postgres = self.s3 = None
+        self.comfy: list[ComfyUI] = []
         self.workers: dict[str, subprocess.Popen] = {}
+        try:
+            self.redis = Redis(top / "redis").start()
+            self.postgres = PostgreSQL(top / "pg").start()
+            self.comfy = [ComfyUI(top / name, tiny_dir, threads=1).start() for name in ("a", "b")]
+            self.s3 = S3Server(top / "s3", ("studio",))
+            for server in self.comfy:
+                server.wait()
+        except BaseException:
+            self.stop()
+            raise
         self.serves: dict[str, ComfyUI] = {}  # worker name -> its ComfyUI server
         self.env = {**os.environ, **self.s3.env, "PYTHONPATH": str(ROOT), "SONIC_BROKER_URL": self.redis.url,
                     "SONIC_DATABASE_URL": self.postgres.url, "SONIC_VISIBILITY_TIMEOUT": str(VISIBILITY_S),
@@ -149,8 +155,10 @@ class Fleet:
         counts: dict[str, int] = {}
         for server in servers or self.comfy:
             history = json.loads(urllib.request.urlopen(server.url + "/history", timeout=10).read())
-            for entry in history.values():
-                for node in entry["prompt"][2].values():
+            queue = json.loads(urllib.request.urlopen(server.url + "/queue", timeout=10).read())
+            prompts = [entry["prompt"] for entry in history.values()] + queue["queue_running"] + queue["queue_pending"]
+            for prompt in prompts:
+                for node in prompt[2].values():
                     if node["class_type"] == "SonicVideoEncode":
                         name = node["inputs"]["filename_prefix"].removeprefix("sonic-fleet/")
                         if name.startswith(prefix):
@@ -170,6 +178,22 @@ class Fleet:
             return {row["name"]: [a["outcome"] for a in db.attempt_rows(row["id"])] for row in rows}
         finally:
             db.close()
+
+    def attempt_workers(self, batch: str) -> set[str]:
+        """Every worker that claimed a job of the batch (from the attempts table)."""
+        db = self.jobdb()
+        try:
+            return {a["worker"] for row in db.job_rows(db.batch(batch)["id"]) for a in db.attempt_rows(row["id"])
+                    if a["worker"]}
+        finally:
+            db.close()
+
+    def history_of(self, server: ComfyUI, job_id: str) -> list[dict]:
+        """The history entries of a job's prompts on one ComfyUI."""
+        history = json.loads(urllib.request.urlopen(server.url + "/history", timeout=10).read())
+        return [entry for entry in history.values() if any(
+            node["class_type"] == "SonicVideoEncode" and node["inputs"]["filename_prefix"] == f"sonic-fleet/{job_id}"
+            for node in entry["prompt"][2].values())]
 
     def restore(self) -> None:
         """Start again whatever a test killed or stopped (same ports and URLs), so that a failure stays in its test:
@@ -209,18 +233,18 @@ class Fleet:
             if process.poll() is None:
                 process.kill()
                 process.wait(30)
-        self.s3.stop()
-        for server in self.comfy:
-            server.stop()
-        self.redis.stop()
-        self.postgres.stop()
-        self.postgres.close()
+        for server in [self.s3, *self.comfy, self.redis]:
+            if server is not None:
+                server.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
+            self.postgres.close()
 
 
 @pytest.fixture(scope="module")
 def whole_fleet(tmp_path_factory, tiny_dir):
     comfyui_dir()
-    fleet = Fleet(tmp_path_factory.mktemp("fleet"), tiny_dir)
+    fleet = Fleet(tmp_path_factory.mktemp("fleet"), tiny_dir)  # stops what it started when a start fails
     try:
         fleet.start_worker(0)
         fleet.start_worker(1)
@@ -248,7 +272,7 @@ def _once_each(fleet, batch: str, ids: list[str]) -> None:
     counts = fleet.prompts("")
     assert {job_id: counts.get(job_id, 0) for job_id in ids} == {job_id: 1 for job_id in ids}
     trails = fleet.attempts(batch)
-    assert all(trails[job_id].count("done") == 1 for job_id in ids), trails
+    assert all(trails[job_id] == ["done"] for job_id in ids), trails
 
 
 def test_jobs_over_two_workers_and_a_bad_input(fleet):
@@ -273,6 +297,9 @@ def test_jobs_over_two_workers_and_a_bad_input(fleet):
     for record in by_id.values():
         assert record["status"] == "done", record
         assert set(record["timings"]) == {"inputs", "queued", "running", "output"} and record["timings"]["running"] > 0
+        # what the lip-sync calibration measured and did, in the node's own words (as in batch manifests)
+        assert isinstance(record["offset"], float) and isinstance(record["lipsync_applied"], bool)
+        assert record["lipsync_message"] and (record["lipsync_applied"] == (record["lipsync_applied_s"] not in (0, None)))
         data = urllib.request.urlopen(record["url"], timeout=30).read()  # the manifest's link
         assert hashlib.sha256(data).hexdigest() == record["sha256"]
         video = fleet.top / f"{record['id']}.mp4"
@@ -299,7 +326,7 @@ def test_bad_rows_are_not_queued(fleet):
                     + json.dumps({"image": "/etc/hostname.png", "audio": "speech.wav"}) + "\n")
     result = fleet.cli("submit", str(path), "--out", "s3://studio/renders", "--batch", "bad")
     assert result.returncode == 2 and "steps: 0 is outside 1..200" in result.stderr and "not found" in result.stderr
-    assert fleet.objects("renders/bad/") == []
+    assert fleet.objects("renders/inputs/bad/") == [] and fleet.objects("renders/bad/") == []
     missing = fleet.cli("status", "bad")
     assert missing.returncode == 2 and "no batch 'bad'" in missing.stderr
 
@@ -317,28 +344,27 @@ def test_a_wrong_broker_password_is_one_line_before_anything_is_stored(fleet):
 def test_a_worker_killed_mid_job_loses_nothing(fleet):
     """The worker is SIGKILLed while its job runs: the job's lease lapses, the reconciler queues it again, the other
     worker runs it, and the orphaned prompt on the dead worker's ComfyUI is interrupted."""
-    uri = fleet.submit(_jobs("k", 3, 100, steps=4), "killed")
+    uri = fleet.submit(_jobs("k", 2, 100, steps=10), "killed")  # long enough to be interrupted mid-way
     victim = fleet.running_on("k")
     report = json.loads(fleet.cli("status", uri, "--json").stdout)  # queued / running / done / failed, per worker
     assert len(report["workers"][victim]["running"]) == 1 and report["running"] >= 1
-    assert report["queued"] + report["running"] + report["done"] == 3
+    assert report["queued"] + report["running"] + report["done"] == 2
+    (orphan,) = report["workers"][victim]["running"]
     fleet.workers[victim].send_signal(signal.SIGKILL)
     fleet.workers[victim].wait(30)
     status, records = fleet.wait(uri)
-    assert status == 0 and [r["id"] for r in records] == ["k0", "k1", "k2"]
+    assert status == 0 and [r["id"] for r in records] == ["k0", "k1"]
     assert all(r["status"] == "done" for r in records)
     trails = fleet.attempts("killed")
-    assert sorted(trails.values()) == [["done"], ["done"], ["lease expired", "done"]], trails
-    retried = next(r for r in records if trails[r["id"]] == ["lease expired", "done"])
+    assert trails[orphan] == ["lease expired", "done"] and sorted(trails.values()) == [["done"], ["lease expired", "done"]]
+    retried = next(r for r in records if r["id"] == orphan)
     assert retried["attempts"] == 2 and retried["worker"] != victim
     assert fleet.objects("renders/killed/") == sorted(
-        [f"renders/killed/k{n}.mp4" for n in range(3)] + ["renders/killed/manifest.jsonl"])
-    # the orphaned prompt was interrupted on the dead worker's ComfyUI, not left rendering
-    orphan_server = fleet.serves[victim]
-    deadline = time.time() + 30
-    while json.loads(urllib.request.urlopen(orphan_server.url + "/queue", timeout=10).read())["queue_running"]:
-        assert time.time() < deadline
-        time.sleep(0.5)
+        [f"renders/killed/k{n}.mp4" for n in range(2)] + ["renders/killed/manifest.jsonl"])
+    # the orphaned prompt was interrupted on the dead worker's ComfyUI by the reconciler, not left rendering
+    (entry,) = fleet.history_of(fleet.serves[victim], orphan)
+    assert entry["status"]["status_str"] != "success"
+    assert "execution_interrupted" in [message[0] for message in entry["status"]["messages"]], entry["status"]
 
 
 def test_a_redelivery_far_shorter_than_the_job_runs_nothing_twice(fleet):
@@ -350,26 +376,34 @@ def test_a_redelivery_far_shorter_than_the_job_runs_nothing_twice(fleet):
     (other,) = set(idle) - {busy}
     status, records = fleet.wait(uri)
     assert status == 0 and records[0]["worker"] == busy and records[0]["attempts"] == 1
-    assert f"not taken: running on {busy} under a lease" in fleet.log(other, idle[other])
+    db = fleet.jobdb()
+    try:
+        (row,) = db.job_rows(db.batch("redelivered")["id"])
+    finally:
+        db.close()
+    assert f"job #{row['id']} not taken: running on {busy} under a lease" in fleet.log(other, idle[other])
     assert fleet.prompts("v") == {"v0": 1} and fleet.attempts("redelivered") == {"v0": ["done"]}
 
 
 def test_a_worker_frozen_past_its_lease_has_its_late_result_refused(fleet):
     """SIGSTOP: the worker is alive but silent (a long GC pause, a frozen VM). Another worker finishes the job;
     when the frozen one wakes up, nothing it does changes the job."""
-    uri = fleet.submit(_jobs("z", 1, 150, steps=4), "frozen")
+    uri = fleet.submit(_jobs("z", 1, 150, steps=8), "frozen")
     frozen = fleet.running_on("z")
+    (other,) = {"w0@test", "w1@test"} - {frozen}
     since = len(fleet.log(frozen))
     fleet.workers[frozen].send_signal(signal.SIGSTOP)
+    fleet.running_on("z", [other])  # the other worker holds the job now: wake the frozen one while it does
+    fleet.workers[frozen].send_signal(signal.SIGCONT)
     status, records = fleet.wait(uri)
     (record,) = records
-    assert status == 0 and record["worker"] != frozen and record["attempts"] == 2
-    fleet.workers[frozen].send_signal(signal.SIGCONT)
+    assert status == 0 and record["worker"] == other and record["attempts"] == 2
     deadline = time.time() + 60
-    while "another worker took it" not in fleet.log(frozen, since) and "result was refused" not in fleet.log(frozen, since):
+    while "succeeded in" not in fleet.log(frozen, since):  # the frozen worker's task has ended, whatever it did
         assert time.time() < deadline, fleet.log(frozen, since)
         time.sleep(0.5)
-    time.sleep(2)
+    told = fleet.log(frozen, since)
+    assert "another worker took it" in told or "was refused" in told, told
     db = fleet.jobdb()
     try:
         (row,) = db.job_rows(db.batch("frozen")["id"])
@@ -377,16 +411,24 @@ def test_a_worker_frozen_past_its_lease_has_its_late_result_refused(fleet):
         db.close()
     assert (row["state"], row["worker"], row["sha256"]) == ("done", record["worker"], record["sha256"])
     assert fleet.attempts("frozen") == {"z0": ["lease expired", "done"]}
-    data = fleet.s3.client().get_object(Bucket="studio", Key="renders/frozen/z0.mp4")["Body"].read()
-    assert hashlib.sha256(data).hexdigest() == record["sha256"]
+    stored = fleet.s3.client().get_object(Bucket="studio", Key="renders/frozen/z0.mp4")
+    assert hashlib.sha256(stored["Body"].read()).hexdigest() == record["sha256"]
+    metadata = {key.lower(): value for key, value in stored["Metadata"].items()}
+    assert metadata.get("sonic-prompt-id") == record["prompt_id"], metadata  # the holder's render, not the late one
     assert fleet.objects("renders/frozen/attempts/") == []
 
 
 def test_a_store_outage_longer_than_every_retry_loses_and_doubles_nothing(fleet):
+    since = {name: len(fleet.log(name)) for name in ("w0@test", "w1@test")}
     uri = fleet.submit(_jobs("s", 3, 170), "outage")
     fleet.running_on("s")
-    fleet.s3.stop()  # for longer than boto3's retries and the workers' first backoffs
-    time.sleep(20)
+    fleet.s3.stop()  # for longer than boto3's retries: until a finished render's upload has failed and waits
+    deadline = time.time() + 120
+    while not any("MP4: " in fleet.log(name, since[name]) and "trying again" in fleet.log(name, since[name])
+                  for name in since):
+        assert time.time() < deadline
+        time.sleep(0.5)
+    time.sleep(5)
     fleet.s3.start()  # the same address
     status, records = fleet.wait(uri)
     assert status == 0 and [r["status"] for r in records] == ["done"] * 3
@@ -406,16 +448,63 @@ def test_a_forged_message_runs_nothing(fleet):
     app = Celery("forger", broker=fleet.redis.url, set_as_current=False)
     foreign = {"batch": "s3://attacker/loot", "workflow": {"1": {"class_type": "SaveImage", "inputs": {}}},
                "job": {"id": "x", "image": {"kind": "url", "location": "http://127.0.0.1/x.png"}}}
-    app.send_task("sonic.run_job", args=[foreign], queue="sonic")
-    app.send_task("sonic.run_job", args=[987654], queue="sonic")
+    db = fleet.jobdb()
+    try:
+        (done_row,) = [row for row in db.job_rows(db.batch("first")["id"]) if row["name"] == "j0"]
+    finally:
+        db.close()
+    lengths = [len(json.loads(urllib.request.urlopen(s.url + "/history", timeout=10).read())) for s in fleet.comfy]
+    for message in (foreign, 987654, True, str(done_row["id"]), done_row["id"]):
+        app.send_task("sonic.run_job", args=[message], queue="sonic")
     deadline = time.time() + 60
     told = ""
-    while not ("refused a message that is not a job id" in told and "no such job" in told):
+    while not (told.count("refused a message that is not a job id") == 3 and "no such job" in told
+               and "already done" in told):
         assert time.time() < deadline, told
         time.sleep(0.5)
         told = "".join(fleet.log(name, since[name]) for name in since)
-    assert "attacker" not in told.split("refused a message")[0]  # nothing fetched or stored before the refusal
     assert fleet.prompts("") == before
+    assert [len(json.loads(urllib.request.urlopen(s.url + "/history", timeout=10).read())) for s in fleet.comfy] == lengths
+    db = fleet.jobdb()
+    try:
+        (after,) = [row for row in db.job_rows(db.batch("first")["id"]) if row["name"] == "j0"]
+        trail = db.attempt_rows(after["id"])
+    finally:
+        db.close()
+    assert (after["token"], after["attempts"], after["state"], len(trail)) == \
+        (done_row["token"], done_row["attempts"], "done", done_row["attempts"])
+
+
+def test_a_batch_outside_the_workers_prefix_waits_with_the_reason(fleet):
+    """The workers run only batches under SONIC_FLEET_OUT (s3://studio/renders): one stored elsewhere is handed back,
+    never run and never failed, and status says why it waits."""
+    path = fleet.material / "elsewhere.jsonl"
+    path.write_text(json.dumps({"id": "o0", "image": "portrait.png", "audio": "speech.wav", **FAST}) + "\n")
+    result = fleet.cli("submit", str(path), "--out", "s3://studio/elsewhere", "--batch", "elsewhere")
+    assert result.returncode == 0, result.stderr
+    deadline = time.time() + 60
+    while True:
+        report = json.loads(fleet.cli("status", "elsewhere", "--json").stdout)
+        if report["waiting_jobs"]:
+            break
+        assert time.time() < deadline, report
+        time.sleep(1)
+    (waiting,) = report["waiting_jobs"]
+    assert waiting["id"] == "o0" and "is not under this worker's --out-prefix s3://studio/renders" in waiting["error"]
+    assert (report["queued"], report["failed"], report["done"]) == (1, 0, 0)
+    text = fleet.cli("status", "elsewhere")
+    assert text.returncode == 0 and "waiting o0: refused by worker" in text.stdout, text.stdout
+    assert fleet.prompts("o") == {} and fleet.objects("elsewhere/elsewhere/") == []  # no output, no attempt
+    db = fleet.jobdb()  # the operator gives it up (the API's cancel comes with the service)
+    try:
+        from sqlalchemy import update
+
+        from sonic.jobdb.schema import jobs
+
+        with db.engine.begin() as connection:
+            connection.execute(update(jobs).where(jobs.c.batch_id == db.batch("elsewhere")["id"]).values(state="cancelled"))
+    finally:
+        db.close()
 
 
 def test_submit_killed_half_way_the_reconciler_queues_the_rest_once(fleet):
@@ -437,9 +526,14 @@ def test_submit_killed_half_way_the_reconciler_queues_the_rest_once(fleet):
 def test_broker_and_database_restarted_mid_batch_lose_no_job(fleet):
     uri = fleet.submit(_jobs("r", 4, 200), "restart")
     fleet.running_on("r")
+    since = {name: len(fleet.log(name)) for name in ("w0@test", "w1@test")}
     fleet.redis.stop()  # queued messages are in its append-only file
     fleet.redis.start()
-    fleet.postgres.restart()
+    fleet.postgres.stop()  # longer than a heartbeat's period: the running job's worker sees it
+    time.sleep(LEASE_S / 2)
+    fleet.postgres.start()
+    told = "".join(fleet.log(name, since[name]) for name in since)
+    assert "could not renew its lease" in told or "is unreachable" in told, told
     status, records = fleet.wait(uri)
     assert status == 0 and [r["status"] for r in records] == ["done"] * 4
     _once_each(fleet, "restart", ["r0", "r1", "r2", "r3"])
@@ -448,12 +542,14 @@ def test_broker_and_database_restarted_mid_batch_lose_no_job(fleet):
 def test_sigterm_finishes_the_running_job_then_stops(fleet):
     uri = fleet.submit(_jobs("t", 2, 400, steps=6), "term")
     name = fleet.running_on("t")
+    (running,) = json.loads(fleet.cli("status", uri, "--json").stdout)["workers"][name]["running"]
     worker = fleet.workers[name]
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(120) == 0
     status, records = fleet.wait(uri)
     assert status == 0 and len(records) == 2
-    assert name in {r["worker"] for r in records}  # the job it was running finished there
+    finished = next(r for r in records if r["id"] == running)  # the job it was running finished there, once
+    assert finished["worker"] == name and finished["attempts"] == 1 and fleet.attempts("term")[running] == ["done"]
 
 
 def test_comfyui_dying_mid_job_is_retried_elsewhere(fleet):
@@ -468,11 +564,15 @@ def test_comfyui_dying_mid_job_is_retried_elsewhere(fleet):
 def test_a_worker_whose_comfyui_is_down_takes_no_jobs(fleet):
     down, before = fleet.comfy[1], len(fleet.log("w1@test"))  # earlier tests wrote in that log too
     down.stop()
+    deadline = time.time() + 30
+    while "takes no jobs until this is fixed" not in fleet.log("w1@test", before):  # its health check noticed
+        assert time.time() < deadline, fleet.log("w1@test", before)
+        time.sleep(0.3)
+    assert "does not answer" in fleet.log("w1@test", before)
     uri = fleet.submit(_jobs("d", 3, 300), "down")
     status, records = fleet.wait(uri)
     assert status == 0 and {r["worker"] for r in records} == {"w0@test"}
-    told = fleet.log("w1@test", before)
-    assert "takes no jobs until this is fixed" in told and "does not answer" in told
+    assert fleet.attempt_workers("down") == {"w0@test"}  # paused really: it did not even claim one
     down.start().wait()  # the worker notices by itself
     deadline = time.time() + 60
     while "takes jobs again" not in fleet.log("w1@test", before):
@@ -502,7 +602,7 @@ def test_a_comfyui_without_the_model_takes_no_job_and_says_why(fleet):
         uri = fleet.submit(_jobs("m", 2, 600), "nomodel")
         status, records = fleet.wait(uri)
         assert status == 0 and "bare" not in {r["worker"] for r in records}
-        assert fleet.prompts("m", [bare]) == {}
+        assert fleet.prompts("m", [bare]) == {} and "bare" not in fleet.attempt_workers("nomodel")
     finally:
         if "bare" in fleet.workers:
             fleet.stop_worker("bare")
@@ -544,3 +644,63 @@ def test_rabbitmq_by_changing_only_the_broker_url(fleet):
                 fleet.workers[name].terminate()
                 fleet.workers[name].wait(60)
         rabbit.stop()
+
+
+def test_the_service_runs_jobs_from_store_keys_on_the_fleet_and_cancels_a_running_one(fleet):
+    """`python -m sonic serve` in fleet mode (this broker, this PostgreSQL, this store): a job made from keys under
+    the tenant's inputs/ prefix runs on the workers and its link gives the stored bytes; a running job is cancelled
+    and leaves ComfyUI's queue."""
+    pytest.importorskip("fastapi")
+    from servers import log_size, wait_listening
+
+    client = fleet.s3.client()
+    for name in ("portrait.png", "speech.wav"):
+        client.upload_file(str(fleet.material / name), "studio", f"renders/inputs/acme/2026/12/06/{name}")
+    made = fleet.cli("serve", "keys", "create", "--tenant", "acme")
+    assert made.returncode == 0, made.stderr
+    key = dict(line.split(": ", 1) for line in made.stdout.splitlines())["api_key"]
+    log_path = fleet.top / "service.log"
+    log = open(log_path, "a")
+    service = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--listen", "127.0.0.1:0", "--store",
+                                "s3://studio/renders"], env=fleet.env, stdout=log, stderr=subprocess.STDOUT,
+                               cwd=fleet.top)
+    try:
+        url = f"http://127.0.0.1:{wait_listening(service, 0, log_path, log_size(log_path), 60, 'sonic serve')}"
+
+        def call(method, path, body=None):
+            request = urllib.request.Request(url + path, method=method, headers={
+                "Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+                data=None if body is None else json.dumps(body).encode())
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+
+        inputs = {"image": "inputs/acme/2026/12/06/portrait.png", "audio": "inputs/acme/2026/12/06/speech.wav"}
+        first = call("POST", "/v1/jobs", {**inputs, "params": {**FAST, "seed": 900}})
+        deadline = time.time() + 180
+        while (job := call("GET", f"/v1/jobs/{first['id']}"))["state"] not in ("done", "failed"):
+            assert time.time() < deadline, job
+            time.sleep(1)
+        assert job["state"] == "done" and job["output"]["expires_at"], job
+        data = urllib.request.urlopen(job["output"]["url"], timeout=30).read()
+        stored = client.get_object(Bucket="studio", Key=f"renders/acme/jobs/{first['id']}/job.mp4")["Body"].read()
+        assert data == stored and hashlib.sha256(data).hexdigest() == job["output"]["sha256"] == \
+            hashlib.sha256(stored).hexdigest() and len(data) == job["output"]["bytes"]
+        # a running job, cancelled: its prompt leaves ComfyUI's queue and nothing is stored
+        second = call("POST", "/v1/jobs", {**inputs, "params": {**FAST, "seed": 901, "steps": 12}})
+        while call("GET", f"/v1/jobs/{second['id']}")["state"] != "running":
+            assert time.time() < deadline + 120
+            time.sleep(0.3)
+        fleet.running_on("job")
+        assert call("POST", f"/v1/jobs/{second['id']}/cancel")["state"] == "cancelled"
+        deadline = time.time() + 30
+        while any(json.loads(urllib.request.urlopen(s.url + "/queue", timeout=10).read())["queue_running"]
+                  for s in fleet.comfy):
+            assert time.time() < deadline
+            time.sleep(0.5)
+        time.sleep(LEASE_S / 2)  # the worker's next heartbeat has seen the cancel
+        assert call("GET", f"/v1/jobs/{second['id']}")["state"] == "cancelled"
+        assert fleet.objects(f"renders/acme/jobs/{second['id']}/") == []
+    finally:
+        service.terminate()
+        service.wait(30)
+        log.close()

@@ -9,6 +9,7 @@ Playwright's own browser downloads are never used. Skips with the reason when ei
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 from helpers import workflow_templates
@@ -87,7 +88,13 @@ def test_quick_template_runs_and_shows_the_lip_sync_result_and_the_video(browser
     }""")
     page.get_by_role("button", name="Run", exact=True).first.click()
     result = page.locator(".sonic-lipsync-result")
-    result.wait_for(timeout=300000)
+    deadline = time.time() + 300
+    while not result.is_visible():  # the result, or the server's own words about why it will not come
+        history = page.evaluate("async () => (await (await fetch('/api/history?max_items=1')).json())")
+        ended = [entry["status"] for entry in history.values() if entry.get("status", {}).get("status_str") == "error"]
+        queue = page.evaluate("async () => (await (await fetch('/api/queue')).json())")
+        assert not ended and time.time() < deadline, (ended, queue, server.log_path.read_text()[-3000:])
+        page.wait_for_timeout(1000)
     text = result.inner_text()
     assert text.startswith("offset ") and "confidence" in text and "applied" in text
     video = page.locator("video[src*='.mp4']").first
