@@ -439,14 +439,13 @@ class Worker:
         temp = Path(name)
         temps.append(temp)
         try:
-            digest = self.s3.download(source.location, temp)
+            digest, _ = self.s3.download(source.location, temp)
         except FileNotFoundError:
             raise
         except Exception as exc:  # noqa: BLE001
             if is_infrastructure(exc):
                 raise Unavailable("store", f"the store did not answer ({type(exc).__name__}: {exc})") from None
             raise
-        digest = digest[0] if isinstance(digest, tuple) else digest
         try:
             return self.server.upload(temp, f"{digest[:24]}{suffix}", UPLOAD_SUBFOLDER)
         except (ServerUnreachable, OSError) as exc:
@@ -463,7 +462,7 @@ class Worker:
                 return "handed back"
             staged = store.staged_uri(job.id, claim.token)
             metadata = job.metadata(sha256, outcome.prompt_id)
-            if not self.patiently(lambda: self.s3.upload(temp, staged, metadata, "video/mp4"), lost, "store",
+            if not self.patiently(lambda: self.s3.upload(temp, staged, metadata, "video/mp4"), lost,
                                   f"storing {job.id}'s MP4"):
                 return self.given_up(claim, lost, "the store did not take the MP4")
         finally:
@@ -475,7 +474,7 @@ class Worker:
         def stage():
             result["accepted"] = self.db.stage(claim.job_id, claim.token, staged, sha256, size)
 
-        if not self.patiently(stage, lost, "database", f"recording {job.id}'s MP4"):
+        if not self.patiently(stage, lost, f"recording {job.id}'s MP4"):
             return self.given_up(claim, lost, "the job database did not answer", "database")
         if not result["accepted"]:  # another attempt holds the job, or staged its output first: ours is not used
             log.warning("job %s (#%d): its MP4 was refused (another attempt holds the job)", job.id, claim.job_id)
@@ -492,7 +491,7 @@ class Worker:
         """The staged MP4 of this job (whichever attempt made it) -> the job's key; then the job is done."""
         final = store.output_uri(job.id)
         try:
-            copied = self.patiently(lambda: self.s3.copy(staged, final), lost, "store", f"publishing {job.id}'s MP4")
+            copied = self.patiently(lambda: self.s3.copy(staged, final), lost, f"publishing {job.id}'s MP4")
         except FileNotFoundError:  # removed from outside (a lifecycle rule): render it again
             self.db.unstage(claim.job_id, claim.token)
             self.hand_back(claim, f"its stored MP4 {staged} is gone; it is made again", infrastructure=True, delay=0.0)
@@ -507,7 +506,7 @@ class Worker:
         def finish():
             result["accepted"] = self.db.finish(claim.job_id, claim.token, "done", error=None, **fields)
 
-        if not self.patiently(finish, lost, "database", f"recording {job.id} as done"):
+        if not self.patiently(finish, lost, f"recording {job.id} as done"):
             return self.given_up(claim, lost, "the job database did not answer", "database")
         if not result["accepted"]:
             log.warning("job %s (#%d): its result was refused (another attempt holds the job)", job.id, claim.job_id)
@@ -519,7 +518,7 @@ class Worker:
         log.info("job %s (#%d) done: %s", job.id, claim.job_id, final)
         return "done"
 
-    def patiently(self, action, lost: threading.Event, cause: str, what: str) -> bool:
+    def patiently(self, action, lost: threading.Event, what: str) -> bool:
         """Run `action` until it works, backing off (2 s doubling to 60 s) through store or database outages, for
         as long as this attempt holds its lease and SONIC_STORE_PATIENCE allows. -> whether it worked."""
         patience = env_seconds("SONIC_STORE_PATIENCE", 3600.0)
