@@ -37,6 +37,7 @@ batches = Table(
     Column("url_expiry_s", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("idempotency_key", String(256)),  # the service's Idempotency-Key: one batch per tenant and key
+    Column("webhook_url", String(2048)),  # the service's per-job (per-batch) webhook; else the tenant's
     UniqueConstraint("tenant", "idempotency_key"),
 )
 
@@ -72,6 +73,8 @@ jobs = Table(
     Column("created_at", Float, nullable=False),
     Column("started_at", Float),
     Column("finished_at", Float),
+    Column("progress_value", Integer),  # denoising progress of the running attempt (steps done, of max)
+    Column("progress_max", Integer),
     UniqueConstraint("batch_id", "name"),
     Index(None, "batch_id", "state"),
     Index(None, "state", "not_before"),
@@ -98,6 +101,7 @@ tenants = Table(
     Column("name", String(128), nullable=False, unique=True),
     Column("webhook_secret", String(128), nullable=False),  # whsec_<base64>: signs the tenant's webhooks
     Column("created_at", Float, nullable=False),
+    Column("webhook_url", String(2048)),  # where the tenant's job.* events go (a job's own webhook_url wins)
 )
 
 api_keys = Table(
@@ -108,6 +112,54 @@ api_keys = Table(
     Column("key_hash", String(64), nullable=False, unique=True),  # sha256 of the key: keys are shown once
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float),
+)
+
+webhook_events = Table(  # the outbox: written in the transaction that ends the job, sent by the service
+    "webhook_events", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("msg_id", String(64), nullable=False, unique=True),  # webhook-id: the same for every retry
+    Column("tenant", String(128), nullable=False),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("type", String(32), nullable=False),  # job.done, job.failed, job.cancelled
+    Column("url", String(2048), nullable=False),
+    Column("body", Text, nullable=False),  # the exact bytes signed and sent, every time
+    Column("state", String(16), nullable=False),  # pending, delivered, failed (retries spent)
+    Column("attempts", Integer, nullable=False),
+    Column("next_at", Float, nullable=False),  # not sent before (backoff; also a sender's claim)
+    Column("created_at", Float, nullable=False),
+    Column("ended_at", Float),
+    Index(None, "state", "next_at"),
+    Index(None, "tenant", "id"),
+)
+
+webhook_deliveries = Table(  # every try to deliver an event, append-only
+    "webhook_deliveries", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("event_id", Integer, ForeignKey("webhook_events.id"), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("at", Float, nullable=False),
+    Column("status_code", Integer),  # the receiver's answer, None when there was none
+    Column("error", Text),
+    Column("duration_ms", Float),
+    Index(None, "event_id"),
+)
+
+triggers = Table(  # objects that started a job (--watch, /v1/events/s3): each key + ETag at most once
+    "triggers", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("key", String(1024), nullable=False),
+    Column("etag", String(256), nullable=False),
+    Column("tenant", String(128)),
+    Column("batch_id", Integer, ForeignKey("batches.id")),
+    Column("error", Text),  # why no job started (a bad description), shown to the operator
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("key", "etag"),
+)
+
+settings = Table(  # the service's own secrets and settings (the signing key of its file links)
+    "settings", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
 )
 
 locks = Table(

@@ -76,7 +76,7 @@ def test_the_migration_builds_exactly_the_tables_the_code_uses(db):
     with db.engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), metadata)
     assert differences == []
-    assert current(db.engine) == head() == "0002"
+    assert current(db.engine) == head() == "0003"
     db.upgrade()  # again: nothing to do
     db.check_schema()
 
@@ -86,14 +86,15 @@ def test_an_old_database_is_upgraded_with_its_jobs(tmp_path):
 
     old = JobDB(f"sqlite:///{tmp_path / 'old.db'}")
     upgrade(old.engine, "0001")
-    with pytest.raises(RuntimeError, match="is at schema version 0001, this code needs 0002"):
+    with pytest.raises(RuntimeError, match="is at schema version 0001, this code needs 0003"):
         old.check_schema()
     with old.engine.begin() as connection:  # a batch written by the previous version
         connection.exec_driver_sql(
             "INSERT INTO batches (name, uri, workflow, workflow_name, workflow_digest, schema, jobs_digest, retries, "
             "backoff_s, url_expiry_s, created_at) VALUES ('b0', 's3://x/b0', '{}', 'w', 'd', '{}', 'j', 2, 5, 60, 0)")
     old.upgrade()
-    assert current(old.engine) == "0002" and old.batch("b0")["idempotency_key"] is None
+    assert current(old.engine) == "0003" and old.batch("b0")["idempotency_key"] is None
+    assert old.batch("b0")["webhook_url"] is None
     old.close()
 
 
