@@ -19,7 +19,8 @@ from sqlalchemy import and_, bindparam, create_engine, event, func, insert, or_,
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from .schema import attempts, batches, db_now, jobs, locks
+from .schema import (attempts, batches, db_now, jobs, locks, settings, tenants, triggers, webhook_deliveries,
+                     webhook_events)
 
 DATABASE_ENV = "SONIC_DATABASE_URL"
 
@@ -98,6 +99,41 @@ class Claim:
 
 def jobs_digest(rows: list[dict]) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+SINGLE_PREFIX = "j_"  # the service's one-job batches: the batch's name is the job's public id
+JOB_SEPARATOR = "~"  # a job of a many-job batch: <batch>~<job> (jobs files' ids never contain "~")
+
+
+def public_job_id(batch_name: str, job_name: str) -> str:
+    return batch_name if batch_name.startswith(SINGLE_PREFIX) else f"{batch_name}{JOB_SEPARATOR}{job_name}"
+
+
+def _emit(connection, job_id: int, state: str) -> None:
+    """In the transaction that ended the job: its webhook event (the outbox the service's sender delivers from),
+    when its batch or tenant has a webhook URL. The body is fixed now: every retry sends the same bytes."""
+    row = connection.execute(
+        select(batches.c.name.label("batch_name"), batches.c.tenant, batches.c.webhook_url,
+               tenants.c.webhook_url.label("tenant_url"), jobs.c.name, jobs.c.error, jobs.c.sha256, jobs.c.bytes,
+               db_now().label("now"))
+        .select_from(jobs.join(batches, jobs.c.batch_id == batches.c.id)
+                     .outerjoin(tenants, tenants.c.name == batches.c.tenant))
+        .where(jobs.c.id == job_id)).first()
+    url = row and row.tenant and (row.webhook_url or row.tenant_url)
+    if not url:
+        return
+    import time
+    import uuid
+
+    data = {"id": public_job_id(row.batch_name, row.name), "state": state,
+            "batch": None if row.batch_name.startswith(SINGLE_PREFIX) else row.batch_name,
+            "error": row.error if state != "done" else None,
+            "output": {"sha256": row.sha256, "bytes": row.bytes} if state == "done" else None}
+    body = json.dumps({"type": f"job.{state}", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.now)),
+                       "data": data}, separators=(",", ":"), sort_keys=True)
+    connection.execute(insert(webhook_events).values(
+        msg_id=f"msg_{uuid.uuid4().hex}", tenant=row.tenant, job_id=job_id, type=f"job.{state}", url=url, body=body,
+        state="pending", attempts=0, next_at=row.now, created_at=row.now))
 
 
 class JobDB:
@@ -252,7 +288,8 @@ class JobDB:
             row = connection.execute(
                 update(jobs).where(jobs.c.id == job_id, claimable)
                 .values(state="running", token=jobs.c.token + 1, attempts=jobs.c.attempts + 1,
-                        lease_until=now + lease_s, worker=worker, server=server, prompt_id=None, started_at=now)
+                        lease_until=now + lease_s, worker=worker, server=server, prompt_id=None, started_at=now,
+                        progress_value=None, progress_max=None)
                 .returning(jobs.c.token, jobs.c.name, jobs.c.key, jobs.c.spec, jobs.c.attempts, jobs.c.batch_id,
                            jobs.c.staged_key, jobs.c.sha256, jobs.c.bytes)).first()
             if row is None:
@@ -300,6 +337,13 @@ class JobDB:
             return held
 
     @_unavailable
+    def progress(self, job_id: int, token: int, value: int, maximum: int) -> bool:
+        """The running attempt's denoising progress (steps done of maximum)."""
+        with self.engine.begin() as connection:
+            return connection.execute(update(jobs).where(self._holder(job_id, token))
+                                      .values(progress_value=value, progress_max=maximum)).rowcount == 1
+
+    @_unavailable
     def stage(self, job_id: int, token: int, staged_key: str, sha256: str, size: int) -> bool:
         """This attempt stored its output at staged_key -> False (nothing recorded) unless it holds the job and no
         output was staged before (a staged output is final: later attempts only publish it)."""
@@ -326,6 +370,7 @@ class JobDB:
             if changed:
                 connection.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.token == token)
                                    .values(ended_at=now, outcome=state, error=fields.get("error")))
+                _emit(connection, job_id, state)
             else:
                 connection.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.token == token,
                                                           attempts.c.ended_at.is_(None))
@@ -365,6 +410,8 @@ class JobDB:
             connection.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.token == token,
                                                       attempts.c.ended_at.is_(None))
                                .values(ended_at=now, outcome="retry" if job_failure else "released", error=reason))
+            if state == "failed":
+                _emit(connection, job_id, "failed")
         return state
 
     # -- the reconciler --------------------------------------------------------------------------------------
@@ -463,21 +510,35 @@ class JobDB:
                 .join(batches, jobs.c.batch_id == batches.c.id))
 
     @_unavailable
-    def tenant_job(self, tenant: str, batch_name: str) -> dict | None:
-        """A tenant's single-job batch by its name (the service's job id); None for any other tenant's."""
+    def tenant_job(self, tenant: str, public_id: str) -> dict | None:
+        """A tenant's job by its public id (`public_job_id`); None for any other tenant's."""
+        batch_name, _, job_name = public_id.partition(JOB_SEPARATOR)
+        query = self._tenant_jobs().where(batches.c.tenant == tenant, batches.c.name == batch_name)
+        if job_name:
+            query = query.where(jobs.c.name == job_name)
+        elif not batch_name.startswith(SINGLE_PREFIX):
+            return None
         with self.reader.connect() as connection:
-            row = connection.execute(self._tenant_jobs().where(batches.c.tenant == tenant,
-                                                               batches.c.name == batch_name)).mappings().first()
+            row = connection.execute(query).mappings().first()
         return dict(row) if row else None
 
     @_unavailable
-    def tenant_jobs(self, tenant: str, state: str | None, limit: int, before: int | None) -> list[dict]:
-        """A tenant's jobs, newest first, `limit` of them from before job id `before` (a cursor)."""
+    def tenant_jobs(self, tenant: str, state: str | None, limit: int, before: int | None,
+                    batch_name: str | None = None, since: float | None = None,
+                    until: float | None = None) -> list[dict]:
+        """A tenant's jobs, newest first, `limit` of them from before job id `before` (a cursor), optionally of
+        one batch and created in [since, until)."""
         query = self._tenant_jobs().where(batches.c.tenant == tenant).order_by(jobs.c.id.desc()).limit(limit)
         if state:
             query = query.where(jobs.c.state == state)
         if before is not None:
             query = query.where(jobs.c.id < before)
+        if batch_name is not None:
+            query = query.where(batches.c.name == batch_name)
+        if since is not None:
+            query = query.where(jobs.c.created_at >= since)
+        if until is not None:
+            query = query.where(jobs.c.created_at < until)
         with self.reader.connect() as connection:
             return [dict(row) for row in connection.execute(query).mappings()]
 
@@ -497,6 +558,7 @@ class JobDB:
                 return None
             connection.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.ended_at.is_(None))
                                .values(ended_at=now, outcome="cancelled", error="cancelled by its owner"))
+            _emit(connection, job_id, "cancelled")
         return row.state, row.server, row.prompt_id
 
     @_unavailable
