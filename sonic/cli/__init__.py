@@ -2,7 +2,7 @@
 
 One module per command group, each with `add_parsers(sub)` whose commands name their `run(args) -> exit status`:
 `generate`, `lipsync`, `models` (download, convert), `batch`, `fleet` (submit, status, worker, db), `service`
-(serve). This module builds
+(serve), `storage` (setup). This module builds
 the parser, runs the command and turns its errors into messages and exit statuses (`sonic.exits`), for every
 command in one place.
 """
@@ -42,12 +42,12 @@ def _as_module() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import batch, fleet, generate, lipsync, models, service
+    from . import batch, fleet, generate, lipsync, models, service, storage
 
     parser = argparse.ArgumentParser(prog="python -m sonic" if _as_module() else "sonic-portrait",
                                      description="Sonic talking-head video generation")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (generate, lipsync, models, batch, fleet, service):
+    for group in (generate, lipsync, models, batch, fleet, service, storage):
         group.add_parsers(sub)
     return parser
 
