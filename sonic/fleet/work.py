@@ -402,8 +402,23 @@ class Worker:
             except DatabaseUnavailable as exc:
                 log.warning("job %s: prompt id not recorded: %s", claim.name, exc)
 
+        samplers, last = set(workflow.nodes("SonicSampler")), [0.0]
+
+        def progress(data: dict) -> None:  # denoising steps, for the service's job view (at most twice a second)
+            if str(data.get("node")) not in samplers or not isinstance(data.get("value"), int):
+                return
+            now = time.monotonic()
+            if now - last[0] < 0.5 and data["value"] != data.get("max"):
+                return
+            last[0] = now
+            try:
+                self.db.progress(claim.job_id, claim.token, data["value"], int(data.get("max") or 0))
+            except DatabaseUnavailable:
+                pass  # progress is a courtesy; the lease and the result are what count
+
         try:
-            outcome = self.server.run(prompt, on_queued=queued, cancel=lost, timeout_s=self.job_timeout_s or None)
+            outcome = self.server.run(prompt, on_queued=queued, on_progress=progress, cancel=lost,
+                                      timeout_s=self.job_timeout_s or None)
         except PromptRejected as exc:  # this ComfyUI has what the workflow names (checked above): the job's fault
             return self.fail(claim, f"rejected by {self.server.url}: {exc}")
         except ServerUnreachable as exc:

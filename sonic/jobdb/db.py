@@ -25,6 +25,10 @@ from .schema import (attempts, batches, db_now, jobs, locks, settings, tenants, 
 DATABASE_ENV = "SONIC_DATABASE_URL"
 
 
+class AlreadyTriggered(Exception):
+    """This object (key + ETag) started a job before: it starts none now."""
+
+
 class DatabaseUnavailable(ConnectionError):
     """The job database did not answer (or refused the connection): not any job's fault."""
 
@@ -191,12 +195,20 @@ class JobDB:
 
     # -- submit ----------------------------------------------------------------------------------------------
     @_unavailable
-    def create_batch(self, batch: dict, rows: list[dict]) -> tuple[int, bool]:
+    def create_batch(self, batch: dict, rows: list[dict], trigger: dict | None = None) -> tuple[int, bool]:
         """A batch and all its jobs in one transaction -> (batch id, created). The same batch submitted again
         (same location, workflow and jobs) -> its id, created False; a different one at the same location ->
-        ValueError."""
+        ValueError. `trigger` ({key, etag, tenant}): the object that started it, recorded in the same transaction;
+        an object (key + ETag) that started a batch before -> AlreadyTriggered."""
         digest = jobs_digest(rows)
         with self.engine.begin() as connection:
+            if trigger is not None:
+                try:
+                    with connection.begin_nested():
+                        trigger_id = connection.execute(insert(triggers).values(
+                            **trigger, created_at=db_now()).returning(triggers.c.id)).scalar_one()
+                except IntegrityError:
+                    raise AlreadyTriggered(f"{trigger['key']} (ETag {trigger['etag']}) started a job before") from None
             found = connection.execute(select(batches.c.id, batches.c.jobs_digest, batches.c.workflow_digest)
                                        .where(batches.c.uri == batch["uri"])).first()
             if found is not None:
@@ -214,7 +226,68 @@ class JobDB:
             connection.execute(insert(jobs), [
                 {"batch_id": batch_id, "position": n, "state": "queued", "token": 0, "attempts": 0, "failures": 0,
                  "not_before": 0.0, "created_at": now, **row} for n, row in enumerate(rows)])
+            if trigger is not None:
+                connection.execute(update(triggers).where(triggers.c.id == trigger_id).values(batch_id=batch_id))
         return batch_id, True
+
+    @_unavailable
+    def trigger_refused(self, trigger: dict, error: str) -> bool:
+        """An object that could not start a job (a bad description): recorded once, with the reason -> whether
+        this call recorded it (False: seen before)."""
+        with self.engine.begin() as connection:
+            try:
+                with connection.begin_nested():
+                    connection.execute(insert(triggers).values(**trigger, error=error[:2000], created_at=db_now()))
+                return True
+            except IntegrityError:
+                return False
+
+    @_unavailable
+    def triggered(self, key: str, etag: str) -> bool:
+        with self.reader.connect() as connection:
+            return connection.execute(select(triggers.c.id).where(triggers.c.key == key, triggers.c.etag == etag)
+                                      ).first() is not None
+
+    @_unavailable
+    def setting(self, name: str, make) -> str:
+        """A service setting, made by `make()` the first time (the first process to store it wins)."""
+        with self.reader.connect() as connection:
+            value = connection.execute(select(settings.c.value).where(settings.c.name == name)).scalar()
+        if value is not None:
+            return value
+        with self.engine.begin() as connection:
+            try:
+                with connection.begin_nested():
+                    connection.execute(insert(settings).values(name=name, value=make()))
+            except IntegrityError:
+                pass
+            return connection.execute(select(settings.c.value).where(settings.c.name == name)).scalar_one()
+
+    @_unavailable
+    def queue_position(self, job_id: int) -> int:
+        """1 + the queued jobs created before this one (all tenants): where it stands in the line."""
+        with self.reader.connect() as connection:
+            return 1 + connection.execute(select(func.count()).where(jobs.c.state == "queued", jobs.c.id < job_id)
+                                          ).scalar_one()
+
+    @_unavailable
+    def tenant_counts(self, tenant: str) -> dict[str, int]:
+        with self.reader.connect() as connection:
+            found = dict(connection.execute(select(jobs.c.state, func.count()).join(batches)
+                                            .where(batches.c.tenant == tenant).group_by(jobs.c.state)).all())
+        return {state: found.get(state, 0) for state in ("queued", "running", "done", "failed", "cancelled")}
+
+    @_unavailable
+    def tenant_exists(self, tenant: str) -> bool:
+        with self.reader.connect() as connection:
+            return connection.execute(select(tenants.c.id).where(tenants.c.name == tenant)).first() is not None
+
+    @_unavailable
+    def tenant_batch(self, tenant: str, name: str) -> dict | None:
+        with self.reader.connect() as connection:
+            row = connection.execute(select(batches).where(batches.c.tenant == tenant, batches.c.name == name)
+                                     ).mappings().first()
+        return dict(row) if row else None
 
     def create_batch_again(self, batch: dict, digest: str) -> tuple[int, bool]:
         with self.reader.connect() as connection:

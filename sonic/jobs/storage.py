@@ -243,3 +243,165 @@ class S3Outputs:
         finally:
             temp.unlink(missing_ok=True)
         return target, self.s3.presign(target, self.url_expiry_s)
+
+
+class FolderStore:
+    """The service's embedded store: a local folder that answers like `S3` (the same methods), so the fleet's
+    worker code runs on it unchanged. Objects are named `s3://local/<key>` and live at `<folder>/<key>`; their
+    content type and metadata in `<folder>/.meta/<key>.json`. Writes go to a temporary file renamed into place (a
+    reader never sees half an object). Links are the service's own `/v1/files/<key>` signed with `link_secret`."""
+
+    BUCKET = "local"
+
+    def __init__(self, folder: Path, link_secret: bytes = b""):
+        self.folder = Path(folder).expanduser().resolve()
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"--store {folder} is a file; give a folder or s3://bucket/prefix")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.link_secret = link_secret
+        self.uri = f"s3://{self.BUCKET}"
+
+    def path(self, uri: str) -> Path:
+        bucket, key = split_s3(uri)
+        parts = key.split("/")
+        if bucket != self.BUCKET or not key or any(part in ("", ".", "..") for part in parts) or parts[0] == ".meta":
+            raise ValueError(f"{uri!r} is not an object of the service's folder store (s3://{self.BUCKET}/<key>)")
+        return self.folder.joinpath(*parts)
+
+    def _meta(self, uri: str) -> Path:
+        return self.folder / ".meta" / (split_s3(uri)[1] + ".json")
+
+    def _write(self, target: Path, source: Path | None, data: bytes | None, uri: str, meta: dict) -> None:
+        import json
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            if source is not None:
+                import shutil
+
+                shutil.copyfile(source, temp)
+            else:
+                temp.write_bytes(data or b"")
+            meta_path = self._meta(uri)
+            meta_path.parent.mkdir(parents=True, exist_ok=True)
+            meta_temp = meta_path.with_name(f".{meta_path.name}.{uuid.uuid4().hex[:8]}.part")
+            meta_temp.write_text(json.dumps(meta))
+            os.replace(meta_temp, meta_path)
+            os.replace(temp, target)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def presign(self, uri: str, expiry_s: int, base: str = "") -> str:
+        import hashlib
+        import hmac
+        import time
+        import urllib.parse
+
+        check_url_expiry(expiry_s)
+        key = split_s3(uri)[1]
+        expires = int(time.time()) + int(expiry_s)
+        signature = hmac.new(self.link_secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+        return f"{base}/v1/files/{urllib.parse.quote(key)}?expires={expires}&signature={signature}"
+
+    def link_ok(self, key: str, expires: int, signature: str) -> bool:
+        import hashlib
+        import hmac
+        import time
+
+        wanted = hmac.new(self.link_secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+        return hmac.compare_digest(wanted, signature) and expires >= time.time()
+
+    def sign_post(self, policy: dict) -> dict[str, str]:
+        """The form fields of a browser upload (like S3's presigned POST): the policy (key, content type, size
+        limit, expiry) and its signature."""
+        import base64
+        import hashlib
+        import hmac
+        import json
+
+        text = base64.b64encode(json.dumps(policy, sort_keys=True).encode()).decode()
+        return {"key": policy["key"], "Content-Type": policy["content_type"], "policy": text,
+                "signature": hmac.new(self.link_secret, text.encode(), hashlib.sha256).hexdigest()}
+
+    def check_post(self, fields: dict[str, str]) -> dict | None:
+        """The policy of a signed upload form, or None when its signature is wrong, it expired, or the form's
+        key or type differ from what was signed."""
+        import base64
+        import hashlib
+        import hmac
+        import json
+        import time
+
+        text, signature = fields.get("policy", ""), fields.get("signature", "")
+        wanted = hmac.new(self.link_secret, text.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(wanted, signature):
+            return None
+        policy = json.loads(base64.b64decode(text))
+        if policy["expires"] < time.time() or fields.get("key") != policy["key"] or \
+                fields.get("Content-Type") != policy["content_type"]:
+            return None
+        return policy
+
+    def head(self, uri: str) -> dict | None:
+        import json
+
+        path = self.path(uri)
+        if not path.is_file():
+            return None
+        meta_path = self._meta(uri)
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        return {"bytes": path.stat().st_size, "metadata": meta.get("metadata", {}),
+                "content_type": meta.get("content_type", "application/octet-stream")}
+
+    def upload(self, path: Path, uri: str, metadata: dict[str, str], content_type: str) -> None:
+        self._write(self.path(uri), Path(path), None, uri,
+                    {"metadata": {k.lower(): v for k, v in metadata.items()}, "content_type": content_type})
+
+    def download(self, uri: str, path: Path) -> tuple[str, int]:
+        import shutil
+
+        source = self.path(uri)
+        if not source.is_file():
+            raise FileNotFoundError(f"{uri} does not exist (no such object in the service's store)")
+        path = Path(path)
+        temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            shutil.copyfile(source, temp)
+            digest = sha256_file(temp)
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+        return digest
+
+    def copy(self, src_uri: str, dst_uri: str) -> None:
+        head = self.head(src_uri)
+        if head is None:
+            raise FileNotFoundError(f"{src_uri} does not exist (no such object to copy)")
+        self._write(self.path(dst_uri), self.path(src_uri), None, dst_uri,
+                    {"metadata": head["metadata"], "content_type": head["content_type"]})
+
+    def delete(self, uri: str) -> None:
+        self.path(uri).unlink(missing_ok=True)
+        self._meta(uri).unlink(missing_ok=True)
+
+    def read(self, uri: str) -> bytes | None:
+        path = self.path(uri)
+        return path.read_bytes() if path.is_file() else None
+
+    def write(self, uri: str, data: bytes, content_type: str) -> None:
+        self._write(self.path(uri), None, data, uri, {"metadata": {}, "content_type": content_type})
+
+    def keys(self, uri: str) -> list[str]:
+        bucket, prefix = split_s3(uri)
+        found = []
+        for path in sorted(self.folder.rglob("*")):
+            key = path.relative_to(self.folder).as_posix()
+            if path.is_file() and not key.startswith(".meta/") and not path.name.endswith(".part") \
+                    and key.startswith(prefix):
+                found.append(f"s3://{self.BUCKET}/{key}")
+        return found
+
+    def check_bucket(self, uri: str) -> None:
+        if split_s3(uri)[0] != self.BUCKET or not self.folder.is_dir():
+            raise ValueError(f"{uri}: not the service's folder store {self.folder}")
