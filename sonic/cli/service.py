@@ -29,6 +29,9 @@ def add_parsers(sub) -> None:
     serve.add_argument("--comfyui", metavar="URL", nargs="+", default=None,
                        help="without --broker: the ComfyUI servers that run the jobs, one job each at a time "
                             "(default http://127.0.0.1:8188)")
+    serve.add_argument("--no-executor", dest="executor", action="store_false",
+                       help="without --broker: record jobs but run none here (another `serve` on the same database "
+                            "and store runs them)")
     serve.add_argument("--broker", metavar="URL", default=os.environ.get("SONIC_BROKER_URL"),
                        help="the fleet's broker: jobs are queued for `sonic worker`s (default $SONIC_BROKER_URL)")
     serve.add_argument("--watch", metavar="s3://BUCKET/PREFIX/",
@@ -72,6 +75,6 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..service.app import create_app
 
     app = create_app(database, args.store or "sonic-store", args.broker, args.url_expiry, args.s3_endpoint,
-                     args.s3_addressing, args.comfyui, args.watch)
+                     args.s3_addressing, args.comfyui, args.watch, args.executor)
     uvicorn.run(app, host=host, port=int(port), log_level="info")
     return EXIT_OK

@@ -19,8 +19,12 @@ class Executor:
     def __init__(self, db, store, servers: list[str], lease_s: float | None = None):
         host = socket.gethostname()
         self.db = db
+        from ..jobs.jobsfile import Workflow
+
         self.workers = [Worker(url, store, db, f"embedded-{n + 1}@{host}", lease=lease_s)
                         for n, url in enumerate(servers)]
+        for worker in self.workers:  # the model files the service's workflow needs: a ComfyUI without them waits
+            worker.standard = Workflow.load(None).prompt
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
 
@@ -43,6 +47,13 @@ class Executor:
     def serve(self, worker: Worker) -> None:
         """Take due jobs one at a time (oldest first) while this worker's ComfyUI, the store and the database
         answer; a claim another worker won is skipped."""
+        try:
+            problems = worker.health_problems()
+        except Exception as exc:  # noqa: BLE001
+            problems = [f"its ComfyUI at {worker.server.url} does not answer ({exc})"]
+        if problems:
+            worker.block("health", "; ".join(problems))
+            log.warning("%s takes no jobs until this is fixed: %s", worker.name, "; ".join(problems))
         while not self.stop.is_set():
             try:
                 if worker.blockers:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 import uuid
@@ -15,6 +16,20 @@ from pathlib import Path
 
 log = logging.getLogger("sonic.service")
 PRESETS = {"quick": {"steps": 15, "min_resolution": 512}, "high_quality": {"steps": 25, "min_resolution": 768}}
+
+
+def presets() -> dict[str, dict]:
+    """The presets: ours, with the operator's SONIC_PRESETS (a JSON object of name -> workflow inputs) over them."""
+    text = os.environ.get("SONIC_PRESETS", "").strip()
+    if not text:
+        return PRESETS
+    try:
+        extra = json.loads(text)
+        if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+            raise ValueError
+    except ValueError:
+        raise ValueError("SONIC_PRESETS: give a JSON object of preset name -> {input: value}") from None
+    return {**PRESETS, **extra}
 STATES = ("queued", "running", "done", "failed", "cancelled")
 IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 AUDIO_TYPES = {"audio/wav": ".wav", "audio/mpeg": ".mp3", "audio/flac": ".flac", "audio/ogg": ".ogg",
@@ -151,12 +166,13 @@ class JobService:
         if not isinstance(params, dict):
             raise ServiceError(422, "params: give a JSON object of workflow inputs by name, e.g. {\"seed\": 7}",
                                "params")
-        if preset is not None and preset not in PRESETS:
-            raise ServiceError(422, f"preset: {preset!r} is not one of {', '.join(PRESETS)}", "preset")
+        known = presets()
+        if preset is not None and preset not in known:
+            raise ServiceError(422, f"preset: {preset!r} is not one of {', '.join(known)}", "preset")
         for name in ("id", "image", "audio"):
             if name in params:
                 raise ServiceError(422, f"params.{name}: give {name} beside params, not in them", f"params.{name}")
-        return {**PRESETS.get(preset or "", {}), **params}
+        return {**known.get(preset or "", {}), **params}
 
     def webhook(self, url) -> str | None:
         if url in (None, ""):
