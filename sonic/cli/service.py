@@ -74,6 +74,9 @@ def run_serve(args: argparse.Namespace) -> int:
         raise RuntimeError("the service needs FastAPI and uvicorn: pip install 'sonic-portrait[service]'") from None
     from ..service.app import create_app
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = create_app(database, args.store or "sonic-store", args.broker, args.url_expiry, args.s3_endpoint,
                      args.s3_addressing, args.comfyui, args.watch, args.executor)
     uvicorn.run(app, host=host, port=int(port), log_level="info")

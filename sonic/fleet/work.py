@@ -402,13 +402,14 @@ class Worker:
             except DatabaseUnavailable as exc:
                 log.warning("job %s: prompt id not recorded: %s", claim.name, exc)
 
-        samplers, last = set(workflow.nodes("SonicSampler")), [0.0]
+        samplers, last, denoised = set(workflow.nodes("SonicSampler")), [0.0], [False]
 
         def progress(data: dict) -> None:  # denoising steps, for the service's job view (at most twice a second)
-            if str(data.get("node")) not in samplers or not isinstance(data.get("value"), int):
-                return
+            if denoised[0] or str(data.get("node")) not in samplers or not isinstance(data.get("value"), int):
+                return  # after the last step the sampler's bar counts decoded frames: not denoising
             now = time.monotonic()
-            if now - last[0] < 0.5 and data["value"] != data.get("max"):
+            denoised[0] = data["value"] >= int(data.get("max") or 0) > 0
+            if now - last[0] < 0.5 and not denoised[0]:
                 return
             last[0] = now
             try:

@@ -68,6 +68,9 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
     db = JobDB(database)
     db.upgrade()
     keys = Tenants(db)
+    from ..jobdb.webhooks import Webhooks
+
+    hooks = Webhooks(db)
     the_store, store_uri = open_store(store, db, s3_endpoint, s3_addressing)
     if broker and isinstance(the_store, FolderStore):
         raise ValueError("--broker: fleet workers need a store they can reach; give --store s3://bucket/prefix")
@@ -159,6 +162,17 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
 
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return FileResponse(STATIC / "icon.svg", media_type="image/svg+xml")
+
+    @app.get("/v1/presets", tags=["jobs"])
+    def list_presets(who: str = Depends(tenant)):
+        """The presets a job may name (`preset`), with the workflow inputs each sets."""
+        from .jobs import presets
+
+        return {"presets": presets()}
 
     @app.get("/healthz", tags=["service"])
     def healthz():
@@ -481,23 +495,17 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
 
     @app.put("/v1/webhook", tags=["webhooks"])
     def set_webhook(body: WebhookIn, who: str = Depends(tenant)):
-        from ..jobdb.webhooks import set_tenant_webhook
-
         url = service.webhook(body.url)
-        set_tenant_webhook(db, who, url)
+        hooks.set_tenant_webhook(who, url)
         return {"url": url}
 
     @app.get("/v1/webhook", tags=["webhooks"])
     def get_webhook(who: str = Depends(tenant)):
-        from ..jobdb.webhooks import tenant_webhook
-
-        return {"url": tenant_webhook(db, who)}
+        return {"url": hooks.tenant_webhook(who)}
 
     @app.get("/v1/webhook-deliveries", tags=["webhooks"])
     def webhook_deliveries(who: str = Depends(tenant), limit: int = 50, cursor: str | None = None,
                            job: str | None = None, type: str | None = None):
-        from ..jobdb.webhooks import deliveries
-
         if not 1 <= limit <= 500:
             raise ServiceError(422, "limit: 1 to 500", "limit")
         before = None
@@ -506,7 +514,7 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
                 before = int(cursor)
             except ValueError:
                 raise ServiceError(422, "cursor: give the next_cursor of the previous page", "cursor") from None
-        rows = deliveries(db, who, limit + 1, before, type, job)
+        rows = hooks.deliveries(who, limit + 1, before, type, job)
         page = rows[:limit]
         return {"deliveries": [_delivery(row) for row in page],
                 "next_cursor": str(page[-1]["id"]) if len(rows) > limit else None}
@@ -539,7 +547,7 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
         if head is None:
             raise ServiceError(404, "no such object", "key")
         metrics.STORE_REQUESTS.labels("get", "ok").inc()
-        return FileResponse(the_store.path(uri), media_type=head["content_type"], filename=Path(key).name,
+        return FileResponse(the_store.path(uri), media_type=head["content_type"], filename=_download_name(key),
                             content_disposition_type="inline")
 
     # -- metrics ---------------------------------------------------------------------------------------------
@@ -557,6 +565,16 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
     app.state.db = db
     app.state.service = service
     return app
+
+
+def _download_name(key: str) -> str:
+    """The name a browser saves a link as: an output's job id (<tenant>/jobs/<batch>/<job>.mp4), else the key's."""
+    from ..jobdb.db import public_job_id
+
+    parts = key.split("/")
+    if len(parts) == 4 and parts[1] == "jobs" and parts[3].endswith(".mp4"):
+        return public_job_id(parts[2], parts[3][:-4]) + ".mp4"
+    return parts[-1]
 
 
 def _when(text: str | None, field: str) -> float | None:
