@@ -278,6 +278,15 @@ class JobDB:
         return {state: found.get(state, 0) for state in ("queued", "running", "done", "failed", "cancelled")}
 
     @_unavailable
+    def tenant_times(self, tenant: str, limit: int) -> list[tuple[float, float | None, float | None]]:
+        """(created, started, finished) of the tenant's newest `limit` started jobs (for run time and queue wait)."""
+        with self.reader.connect() as connection:
+            return [tuple(row) for row in connection.execute(
+                select(jobs.c.created_at, jobs.c.started_at, jobs.c.finished_at).join(batches)
+                .where(batches.c.tenant == tenant, jobs.c.started_at.is_not(None))
+                .order_by(jobs.c.id.desc()).limit(limit))]
+
+    @_unavailable
     def tenant_exists(self, tenant: str) -> bool:
         with self.reader.connect() as connection:
             return connection.execute(select(tenants.c.id).where(tenants.c.name == tenant)).first() is not None

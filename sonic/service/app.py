@@ -106,7 +106,12 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
             if name in parts:
                 await asyncio.to_thread(parts[name].close if hasattr(parts[name], "close") else parts[name].stop)
 
+    try:  # /docs from the swagger-ui-bundle package: the page works without the internet
+        import swagger_ui_bundle
+    except ImportError:
+        swagger_ui_bundle = None
     app = FastAPI(title="Sonic Portrait", version="1", lifespan=lifespan,
+                  docs_url=None if swagger_ui_bundle else "/docs",
                   description="Talking-head videos from a portrait and a recording (Sonic), as jobs. Authenticate "
                               "with `Authorization: Bearer <api key>` (python -m sonic serve keys create --tenant "
                               "NAME).")
@@ -162,6 +167,17 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
 
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    if swagger_ui_bundle is not None:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+        @app.get("/docs", include_in_schema=False)
+        def docs():
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="Sonic Portrait API",
+                                       swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                       swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/favicon.ico")
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon():
@@ -555,10 +571,21 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
     def prometheus(who: str = Depends(tenant)):
         from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
+        from prometheus_client import Histogram
+
         registry = CollectorRegistry()
         gauge = Gauge("sonic_jobs", "jobs of this tenant by state", ["state"], registry=registry)
         for name, count in db.tenant_counts(who).items():
             gauge.labels(state=name).set(count)
+        run = Histogram("sonic_job_run_seconds", "this tenant's finished jobs: from the last start to the end",
+                        buckets=metrics.SECONDS, registry=registry)
+        wait = Histogram("sonic_job_queue_wait_seconds", "this tenant's started jobs: from creation to the last "
+                         "start", buckets=metrics.SECONDS, registry=registry)
+        for created, started, finished in db.tenant_times(who, 10_000):
+            if started is not None:
+                wait.observe(max(started - created, 0.0))
+                if finished is not None:
+                    run.observe(max(finished - started, 0.0))
         text = generate_latest(registry) + generate_latest(metrics.REGISTRY)
         return PlainTextResponse(text.decode(), media_type="text/plain; version=0.0.4")
 

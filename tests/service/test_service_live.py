@@ -102,6 +102,9 @@ def test_a_job_from_uploaded_files_runs_and_its_link_gives_the_stored_bytes(live
         assert metric(after, "sonic_store_requests_total", operation="put", outcome="ok") >= \
             metric(before, "sonic_store_requests_total", operation="put", outcome="ok") + 3  # 2 inputs, the MP4
         assert metric(after, "sonic_webhook_deliveries_total", outcome="delivered") >= 1
+        assert metric(after, "sonic_job_run_seconds_count") == metric(before, "sonic_job_run_seconds_count") + 1
+        assert metric(after, "sonic_job_run_seconds_sum") > metric(before, "sonic_job_run_seconds_sum")
+        assert metric(after, "sonic_job_queue_wait_seconds_count") >= 1
     finally:
         receiver.close()
 
