@@ -30,6 +30,10 @@ def add_parsers(sub) -> None:
                        help="S3-compatible endpoint (OSS, MinIO, R2, COS); default $SONIC_S3_ENDPOINT or AWS")
     setup.add_argument("--s3-addressing", choices=["auto", "path", "virtual"], default="auto",
                        help="bucket addressing (Aliyun OSS needs virtual)")
+    setup.add_argument("--infrequent-after", type=int, default=7, metavar="DAYS",
+                       help="inputs move to infrequent access (STANDARD_IA) after DAYS (AWS S3 wants 30 or more)")
+    setup.add_argument("--archive-after", type=int, default=30, metavar="DAYS",
+                       help="inputs move to archive storage (GLACIER) after DAYS")
     setup.add_argument("--dry-run", action="store_true", help="print the documents (JSON, per bucket) that would "
                        "be applied, without contacting the store")
     setup.set_defaults(run=storage_setup)
@@ -39,9 +43,10 @@ def storage_setup(args: argparse.Namespace) -> int:
     from ..service import buckets
 
     if args.dry_run:
-        print(json.dumps(buckets.plan(args.inputs, args.outputs), indent=2))
+        print(json.dumps(buckets.plan(args.inputs, args.outputs, args.infrequent_after, args.archive_after), indent=2))
         return EXIT_OK
-    steps = buckets.setup(args.inputs, args.outputs, args.s3_endpoint, args.s3_addressing)
+    steps = buckets.setup(args.inputs, args.outputs, args.s3_endpoint, args.s3_addressing, args.infrequent_after,
+                          args.archive_after)
     for step in steps:
         print(f"s3://{step.bucket}: {step.what}: {'applied' if step.ok else 'NOT applied: ' + step.detail}")
     failed = sum(not step.ok for step in steps)

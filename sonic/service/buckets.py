@@ -13,7 +13,7 @@ from typing import NamedTuple
 from ..jobs.storage import S3, split_s3
 
 # Inputs are read once, when their job runs; older ones are kept cheaply. AWS S3 itself refuses STANDARD_IA before
-# 30 days (its API reference: Transition.Days), so there the lifecycle step reports NOT applied with AWS's reason.
+# 30 days (its API reference: Transition.Days): there give --infrequent-after 30 --archive-after 60 (or more).
 INPUTS_INFREQUENT_AFTER_DAYS = 7
 INPUTS_ARCHIVE_AFTER_DAYS = 30
 ABORT_UPLOADS_AFTER_DAYS = 1
@@ -30,10 +30,14 @@ class Step(NamedTuple):
     detail: str  # "applied", or the store's reason
 
 
-def plan(inputs_uri: str, outputs_uri: str) -> dict[str, dict]:
+def plan(inputs_uri: str, outputs_uri: str, infrequent_after: int = INPUTS_INFREQUENT_AFTER_DAYS,
+         archive_after: int = INPUTS_ARCHIVE_AFTER_DAYS) -> dict[str, dict]:
     """bucket -> the documents to apply there, keyed by boto3's parameter names (VersioningConfiguration,
     LifecycleConfiguration, PublicAccessBlockConfiguration). One bucket for both is fine when the inputs have a
     folder of their own (otherwise their tiering would archive the outputs and break their links)."""
+    if not 1 <= infrequent_after < archive_after:
+        raise ValueError(f"--infrequent-after {infrequent_after} and --archive-after {archive_after}: give days, the "
+                         "first at least 1 and smaller than the second")
     inputs_bucket, inputs_prefix = _bucket_and_folder(inputs_uri)
     outputs_bucket, outputs_prefix = _bucket_and_folder(outputs_uri)
     if inputs_bucket == outputs_bucket and outputs_prefix.startswith(inputs_prefix):
@@ -45,8 +49,8 @@ def plan(inputs_uri: str, outputs_uri: str) -> dict[str, dict]:
     # no two rules of one bucket share an action on overlapping prefixes (which some stores refuse)
     inputs_covered = inputs_bucket == outputs_bucket and inputs_prefix.startswith(outputs_prefix)
     inputs_rule = {"ID": INPUTS_RULE, "Filter": {"Prefix": inputs_prefix}, "Status": "Enabled",
-                   "Transitions": [{"Days": INPUTS_INFREQUENT_AFTER_DAYS, "StorageClass": "STANDARD_IA"},
-                                   {"Days": INPUTS_ARCHIVE_AFTER_DAYS, "StorageClass": "GLACIER"}],
+                   "Transitions": [{"Days": infrequent_after, "StorageClass": "STANDARD_IA"},
+                                   {"Days": archive_after, "StorageClass": "GLACIER"}],
                    **({} if inputs_covered else abort)}
     outputs_rule = {"ID": OUTPUTS_RULE, "Filter": {"Prefix": outputs_prefix}, "Status": "Enabled", **abort}
     documents = {}
@@ -80,9 +84,11 @@ def apply(s3: S3, documents: dict[str, dict]) -> list[Step]:
     return steps
 
 
-def setup(inputs_uri: str, outputs_uri: str, endpoint_url: str | None = None, addressing: str = "auto") -> list[Step]:
+def setup(inputs_uri: str, outputs_uri: str, endpoint_url: str | None = None, addressing: str = "auto",
+          infrequent_after: int = INPUTS_INFREQUENT_AFTER_DAYS, archive_after: int = INPUTS_ARCHIVE_AFTER_DAYS
+          ) -> list[Step]:
     """`plan`, then `apply` with the standard credential chain (AWS_* variables, profiles)."""
-    documents = plan(inputs_uri, outputs_uri)
+    documents = plan(inputs_uri, outputs_uri, infrequent_after, archive_after)
     return apply(S3(endpoint_url, addressing), documents)
 
 

@@ -114,3 +114,12 @@ def test_dry_run_of_one_bucket_never_archives_outputs():
         refused = setup(inputs, outputs, "--dry-run")
         assert refused.returncode == 2 and refused.stdout == ""
         assert "lie inside inputs" in refused.stderr and len(refused.stderr.splitlines()) == 1
+
+
+def test_the_tiering_days_are_flags_for_stores_with_other_minimums():
+    done = setup("s3://inputs/in", "s3://outputs", "--dry-run", "--infrequent-after", "30", "--archive-after", "90")
+    assert done.returncode == 0, done.stderr
+    [rule] = json.loads(done.stdout)["inputs"]["LifecycleConfiguration"]["Rules"]
+    assert rule["Transitions"] == [{"Days": 30, "StorageClass": "STANDARD_IA"}, {"Days": 90, "StorageClass": "GLACIER"}]
+    refused = setup("s3://inputs/in", "s3://outputs", "--dry-run", "--infrequent-after", "40", "--archive-after", "30")
+    assert refused.returncode == 2 and "--infrequent-after 40" in refused.stderr
