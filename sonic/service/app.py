@@ -118,8 +118,8 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
 
     @app.exception_handler(ServiceError)
     async def api_error(_request, exc: ServiceError):
-        return JSONResponse({"error": exc.error, "field": exc.field}, status_code=exc.status,
-                            headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "5"}}.get(exc.status)
+        return JSONResponse({"error": exc.error, "field": exc.field}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):

@@ -141,8 +141,9 @@ def test_metrics_count_store_failures_and_nothing_is_half_stored(live, tiny_dir)
     before = live.call("GET", "/metrics", key)[1]
     live.s3.stop()
     try:
-        status, reply = live.call("POST", "/v1/jobs", key, files=files, data={"preset": "quick"})
-        assert status == 503 and "store" in reply["error"], reply
+        reply = live.http.post("/v1/jobs", headers={"Authorization": f"Bearer {key}"}, files=files,
+                               data={"preset": "quick"})
+        assert reply.status_code == 503 and "store" in reply.json()["error"] and reply.headers["retry-after"] == "5"
         during = live.call("GET", "/metrics", key)[1]
     finally:
         live.s3.start()
