@@ -24,7 +24,6 @@ MAX_BODY_BYTES = 64 * 1024  # JSON requests
 MAX_BATCH_BYTES = 4 * 2**20  # a jobs file
 STATIC = Path(__file__).with_name("static")
 FINAL = ("done", "failed", "cancelled")
-ApiError = ServiceError
 
 
 def env_bytes(name: str, default: int) -> int:
@@ -225,14 +224,18 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
                                "Content-Type")
         return JSONResponse(service.view(row, base(request)), status_code=201 if created else 200)
 
-    async def _json_body(request: Request, limit: int):
+    async def _read_body(request: Request, limit: int) -> bytes:
         if int(request.headers.get("content-length") or 0) > limit:
             raise ServiceError(413, f"the body is larger than {limit} bytes", None)
-        data = b""
+        data = bytearray()
         async for chunk in request.stream():
             data += chunk
             if len(data) > limit:
                 raise ServiceError(413, f"the body is larger than {limit} bytes", None)
+        return bytes(data)
+
+    async def _json_body(request: Request, limit: int):
+        data = await _read_body(request, limit)
         try:
             return json.loads(data or b"{}")
         except (ValueError, UnicodeDecodeError):
@@ -456,7 +459,7 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
             raw = body["jobs"]
             preset, hook = body.get("preset", preset), body.get("webhook_url", hook)
         elif kind in ("application/x-ndjson", "application/jsonl", "text/csv"):
-            text = (await _json_body_bytes(request, MAX_BATCH_BYTES)).decode("utf-8", "replace")
+            text = (await _read_body(request, MAX_BATCH_BYTES)).decode("utf-8", "replace")
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / ("jobs.csv" if kind == "text/csv" else "jobs.jsonl")
                 path.write_text(text)
@@ -481,14 +484,6 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
         batch, created = await asyncio.to_thread(service.create_batch, who, rows, service.webhook(hook),
                                                  idempotency_key)
         return JSONResponse(_batch_view(batch), status_code=201 if created else 200)
-
-    async def _json_body_bytes(request: Request, limit: int) -> bytes:
-        data = b""
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > limit:
-                raise ServiceError(413, f"the body is larger than {limit} bytes", None)
-        return data
 
     def _batch_view(batch: dict) -> dict:
         counts = db.counts(batch["id"])

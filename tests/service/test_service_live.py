@@ -211,3 +211,50 @@ def test_uploads_and_s3_events_start_each_object_once(live, tmp_path, tiny_dir):
         assert len(reply["started"]) == 1 and len(watcher.call("GET", "/v1/jobs", key)[1]["jobs"]) == 4
     finally:
         watcher.stop()
+
+
+def test_a_job_running_when_the_service_dies_runs_again_after_a_restart(live, tiny_dir):
+    """SIGKILL the service mid-render: after the restart the lapsed lease is expired, the orphaned prompt is
+    interrupted on ComfyUI, and the job runs again to done (two attempts, one output)."""
+    import signal
+
+    key, _ = live.key("restarter")
+    client = live.s3.client()
+    for name in ("portrait.png", "speech.wav"):
+        client.upload_file(str(tiny_dir / "inputs" / name), "studio", f"svc/inputs/restarter/{name}")
+    made = live.call("POST", "/v1/jobs", key, {"image": "inputs/restarter/portrait.png",
+                                               "audio": "inputs/restarter/speech.wav",
+                                               "params": {**FAST, "steps": 6, "seed": 77}})[1]
+    deadline = time.time() + 120
+    while not json.loads(urllib.request.urlopen(live.comfy.url + "/queue", timeout=10).read())["queue_running"]:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    live.process.send_signal(signal.SIGKILL)
+    live.process.wait(30)
+    live.http.close()
+    live.log.close()
+    restarted = Service(live.folder, live.database, "--store", STORE, "--comfyui", live.comfy.url,
+                        env={k: v for k, v in live.env.items() if k.startswith(("SONIC_", "AWS_"))})
+    live.__dict__.update({k: getattr(restarted, k) for k in ("process", "url", "http", "log")})
+    job = wait_state(live, key, made["id"], ("done", "failed"))
+    assert job["state"] == "done" and job["attempts"] == 2, job
+    stored = client.get_object(Bucket="studio", Key=f"svc/restarter/jobs/{made['id']}/job.mp4")["Body"].read()
+    assert hashlib.sha256(stored).hexdigest() == job["output"]["sha256"]
+    assert client.list_objects_v2(Bucket="studio", Prefix=f"svc/restarter/jobs/{made['id']}/attempts/").get(
+        "KeyCount", 0) == 0
+    assert "go back to the queue" in live.log_path.read_text()
+
+
+def test_presigned_post_of_the_s3_store_limits_key_type_and_size(live):
+    key, _ = live.key("poster")
+    status, grant = live.call("POST", "/v1/uploads", key, {"filename": "face.png", "content_type": "image/png"})
+    assert status == 200 and grant["url"].startswith(live.s3.endpoint)
+    day = time.strftime("%Y/%m/%d", time.gmtime())
+    assert grant["key"].startswith(f"inputs/poster/{day}/") and grant["fields"]["key"] == f"svc/{grant['key']}"
+    import base64
+
+    policy = json.loads(base64.b64decode(grant["fields"]["policy"]))
+    assert {"Content-Type": "image/png"} in policy["conditions"]
+    assert ["content-length-range", 1, grant["max_bytes"]] in policy["conditions"]
+    assert {"key": f"svc/{grant['key']}"} in policy["conditions"]
+    assert grant["fields"]["x-amz-algorithm"] == "AWS4-HMAC-SHA256" and "x-amz-signature" in grant["fields"]
