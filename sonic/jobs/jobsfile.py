@@ -288,6 +288,9 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
             except json.JSONDecodeError as exc:
                 problems.append(f"{path.name} line {number}: not JSON ({exc.msg})")
                 continue
+            except RecursionError:
+                problems.append(f"{path.name} line {number}: nested too deeply to be a job")
+                continue
             if not isinstance(row, dict):
                 problems.append(f"{path.name} line {number}: a job must be a JSON object, got {type(row).__name__}")
                 continue

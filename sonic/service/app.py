@@ -208,13 +208,7 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
         if kind == "multipart/form-data":
             row, created = await _multipart(request, who, idempotency_key)
         elif kind in ("application/json", ""):
-            body = await _json_body(request, MAX_BODY_BYTES)
-            try:
-                job = JobIn.model_validate(body)
-            except Exception as exc:  # pydantic's ValidationError
-                first = exc.errors()[0] if hasattr(exc, "errors") and exc.errors() else {}
-                field = ".".join(str(p) for p in first.get("loc", ())) or None
-                raise ServiceError(422, f"{field or 'body'}: {first.get('msg', 'invalid')}", field) from None
+            job = await _model(request, JobIn)
             params = service.params(job.params, job.preset)
             row, created = await asyncio.to_thread(
                 service.create, who, service.source(job.image, "image", who), service.source(job.audio, "audio", who),
@@ -237,9 +231,23 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
     async def _json_body(request: Request, limit: int):
         data = await _read_body(request, limit)
         try:
-            return json.loads(data or b"{}")
-        except (ValueError, UnicodeDecodeError):
-            raise ServiceError(422, "the body is not JSON", "body") from None
+            value = json.loads(data or b"{}")
+            json.dumps(value, ensure_ascii=False).encode()  # lone surrogates ("\ud800") are valid JSON, not text
+        except (ValueError, UnicodeError, RecursionError):
+            raise ServiceError(422, "the body is not JSON text (UTF-8, nested at most a few hundred levels)",
+                               "body") from None
+        return value
+
+    async def _model(request: Request, model):
+        """The JSON body as `model`, read after the API key was checked (a Depends that runs first)."""
+        from pydantic import ValidationError
+
+        try:
+            return model.model_validate(await _json_body(request, MAX_BODY_BYTES))
+        except ValidationError as exc:
+            first = exc.errors()[0] if exc.errors() else {}
+            field = ".".join(str(p) for p in first.get("loc", ())) or None
+            raise ServiceError(422, f"{field or 'body'}: {first.get('msg', 'invalid')}", field) from None
 
     async def _multipart(request: Request, who: str, idempotency_key: str | None):
         length = request.headers.get("content-length")
@@ -314,12 +322,7 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
             raise ServiceError(422, f"state: one of {', '.join(STATES)}", "state")
         if not 1 <= limit <= 500:
             raise ServiceError(422, "limit: 1 to 500", "limit")
-        before = None
-        if cursor:
-            try:
-                before = int(cursor)
-            except ValueError:
-                raise ServiceError(422, "cursor: give the next_cursor of the previous page", "cursor") from None
+        before = _cursor(cursor)
         since, until = _when(created_after, "created_after"), _when(created_before, "created_before")
         rows = db.tenant_jobs(who, state, limit + 1, before, batch, since, until)
         page = rows[:limit]
@@ -376,8 +379,12 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
         content_type: str = Field(description="image/png, image/jpeg, image/webp, audio/wav, audio/mpeg, "
                                               "audio/flac, audio/ogg or audio/mp4")
 
-    @app.post("/v1/uploads", tags=["uploads"])
-    def create_upload(request: Request, body: UploadIn, who: str = Depends(tenant)):
+    @app.post("/v1/uploads", tags=["uploads"], openapi_extra=_body_schema(UploadIn))
+    async def create_upload(request: Request, who: str = Depends(tenant)):
+        body = await _model(request, UploadIn)
+        return await asyncio.to_thread(_grant_upload, request, body, who)
+
+    def _grant_upload(request: Request, body, who: str) -> dict:
         types = {**IMAGE_TYPES, **AUDIO_TYPES}
         if body.content_type not in types:
             raise ServiceError(422, f"content_type: one of {', '.join(types)}", "content_type")
@@ -472,6 +479,10 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
         else:
             raise ServiceError(415, "send a jobs file as application/x-ndjson (JSON lines) or text/csv, or "
                                     "application/json {\"jobs\": [...]}", "Content-Type")
+        try:
+            json.dumps(raw, ensure_ascii=False).encode()
+        except UnicodeError:
+            raise ServiceError(422, "jobs: text with a lone surrogate (\\ud800...) is not text", "jobs") from None
         if len(raw) > 10_000:
             raise ServiceError(413, "at most 10000 jobs in one batch", "jobs")
         rows = []
@@ -504,10 +515,11 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
     class WebhookIn(BaseModel):
         url: str | None = Field(None, description="where job.done/failed/cancelled events go; null to stop")
 
-    @app.put("/v1/webhook", tags=["webhooks"])
-    def set_webhook(body: WebhookIn, who: str = Depends(tenant)):
-        url = service.webhook(body.url)
-        hooks.set_tenant_webhook(who, url)
+    @app.put("/v1/webhook", tags=["webhooks"], openapi_extra=_body_schema(WebhookIn))
+    async def set_webhook(request: Request, who: str = Depends(tenant)):
+        body = await _model(request, WebhookIn)
+        url = await asyncio.to_thread(service.webhook, body.url)
+        await asyncio.to_thread(hooks.set_tenant_webhook, who, url)
         return {"url": url}
 
     @app.get("/v1/webhook", tags=["webhooks"])
@@ -519,12 +531,7 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
                            job: str | None = None, type: str | None = None):
         if not 1 <= limit <= 500:
             raise ServiceError(422, "limit: 1 to 500", "limit")
-        before = None
-        if cursor:
-            try:
-                before = int(cursor)
-            except ValueError:
-                raise ServiceError(422, "cursor: give the next_cursor of the previous page", "cursor") from None
+        before = _cursor(cursor)
         rows = hooks.deliveries(who, limit + 1, before, type, job)
         page = rows[:limit]
         return {"deliveries": [_delivery(row) for row in page],
@@ -587,6 +594,23 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
     app.state.db = db
     app.state.service = service
     return app
+
+
+def _body_schema(model) -> dict:
+    """OpenAPI for a JSON body that the route reads itself (after the API key is checked)."""
+    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}}
+
+
+def _cursor(text: str | None) -> int | None:
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise ServiceError(422, "cursor: give the next_cursor of the previous page", "cursor")
+    return value
 
 
 def _download_name(key: str) -> str:

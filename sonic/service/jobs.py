@@ -75,13 +75,17 @@ def check_public_url(url: str, field: str) -> None:
 
     from ..inputs.urls import check_address
 
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    try:
+        parsed = urllib.parse.urlparse(url)
+        scheme, host = parsed.scheme, parsed.hostname
+        parsed.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError:
+        scheme = host = None
+    if scheme not in ("http", "https") or not host:
         raise ServiceError(422, f"{field}: give an http(s) URL with a host name", field)
-    host = parsed.hostname
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except OSError:
+    except (OSError, UnicodeError):
         raise ServiceError(422, f"{field}: the host {host!r} does not resolve", field) from None
     for address in addresses:
         try:

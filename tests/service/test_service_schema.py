@@ -8,9 +8,9 @@ share of the generated values to the service's own shapes: image and audio as ke
 URLs (hosts under .invalid, which never resolves, or internal addresses, which are refused: nothing leaves the
 machine), numeric cursors, ISO times, job ids that exist. Hypothesis is derandomized: CI sees the same requests.
 
-Known bugs (found by these properties, and by hand around what they found; the service is not changed here): the
-properties let a 5xx through when `known_bug` recognizes its request, and `test_known_bug_*` replays one request
-of each as a strict xfail, which fails once the bug is fixed (then remove it from both places).
+What these properties found (each a 500 once, now a 4xx) is replayed below, one request each: URLs urllib cannot
+parse or IDNA cannot encode, cursors beyond 64-bit integers, JSON nested past the recursion limit, lone surrogates
+in keys, and bodies decoded before the API key was checked.
 """
 
 from __future__ import annotations
@@ -173,67 +173,6 @@ def steer(schema, service) -> None:
         return st.one_of(st.just(given), real.map(lambda job_id: {**given, "job_id": job_id}))
 
 
-# -- the service's known bugs: requests that get 500 today --------------------------------------------------------
-BUG_URL = ("BUG check_public_url (sonic/service/jobs.py): a URL urllib cannot parse (http://[::1/x: ValueError "
-           "'Invalid IPv6 URL') or whose host IDNA cannot encode (an empty label as in http://a..b/, a label over "
-           "63 characters, a lone surrogate: UnicodeError from socket.getaddrinfo) is a 500, not a 422")
-BUG_CURSOR = ("BUG cursor (sonic/service/app.py list_jobs, webhook_deliveries): a cursor outside SQLite's 64-bit "
-              "integers (?cursor=99999999999999999999) is a 500 (OverflowError in the query), not a 422")
-BUG_NESTING = ("BUG _json_body (sonic/service/app.py) and read_rows (sonic/jobs/jobsfile.py): JSON nested deeper "
-               "than Python's recursion limit (50,000 '[' is under the 64 KiB body limit) is a 500 (RecursionError "
-               "is not a ValueError), not a 422")
-BUG_SURROGATE = ("BUG JobService.create (sonic/service/jobs.py): a lone surrogate in a store key "
-                 "(\"inputs/acme/x\\ud800.png\", valid JSON) reaches the database and is a 500 (UnicodeEncodeError), "
-                 "not a 422")
-BUG_BODY_BEFORE_KEY = ("BUG (sonic/service/app.py create_upload, set_webhook): a body that is not JSON is answered 422 "
-                       "'JSON decode error' before the API key is looked at, so a wrong key gets 422, not 401 (FastAPI "
-                       "decodes a model-typed body before it runs Depends(tenant))")
-PYDANTIC_BODY = ("/v1/uploads", "/v1/webhook")
-
-
-def known_bug(case) -> str | None:
-    """The known bug a generated request runs into, if any (it is replayed by its test_known_bug_* below)."""
-    if case.method.upper() == "GET" and case.operation.path in ("/v1/jobs", "/v1/webhook-deliveries"):
-        cursor = (case.query or {}).get("cursor")
-        try:
-            if isinstance(cursor, str) and not -2**63 <= int(cursor) < 2**63:
-                return BUG_CURSOR
-        except ValueError:
-            pass
-    for url in _urls(case):
-        try:
-            host = urllib.parse.urlparse(url).hostname
-            if host:
-                host.encode("idna")
-        except (ValueError, UnicodeError):
-            return BUG_URL
-    for value in _strings(case.body):
-        if any("\ud800" <= char <= "\udfff" for char in value):
-            return BUG_SURROGATE
-    return None
-
-
-def _urls(case) -> list[str]:
-    body = case.body if isinstance(case.body, dict) else {}
-    rows = body.get("jobs") if isinstance(body.get("jobs"), list) else []
-    values = [body.get(name) for name in ("image", "audio", "webhook_url", "url")]
-    values += [row.get(name) for row in rows if isinstance(row, dict) for name in ("image", "audio")]
-    values.append((case.query or {}).get("webhook_url"))
-    return [value.strip() for value in values if isinstance(value, str)
-            and value.strip().startswith(("http://", "https://"))]
-
-
-def _strings(value):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in (*value.keys(), *value.values()):
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
-
-
 # -- the properties --------------------------------------------------------------------------------------------
 schema = schemathesis.pytest.from_fixture("api_schema")
 CHECKS = [schemathesis.checks.not_a_server_error, schemathesis.checks.content_type_conformance,
@@ -245,8 +184,6 @@ CHECKS = [schemathesis.checks.not_a_server_error, schemathesis.checks.content_ty
 def test_no_request_makes_a_server_error(case, service):
     offset = log_size(service.log_path)
     response = case.call(headers=service.authorization(case), timeout=20)
-    if response.status_code >= 500 and known_bug(case):
-        return  # replayed as a strict xfail below
     try:
         case.validate_response(response, checks=CHECKS, headers=service.authorization(case))
     except BaseException as failure:  # schemathesis's FailureGroup (a BaseExceptionGroup), with a curl command
@@ -261,8 +198,6 @@ def test_a_wrong_key_is_401_everywhere_but_healthz(case, service):
     if case.method.upper() != case.operation.method.upper():
         return  # the coverage phase's probes of undocumented methods: 405 before any key is read
     response = case.call(headers=service.authorization(case, WRONG_KEY), timeout=20)
-    if response.status_code == 422 and "JSON decode error" in response.text and case.operation.path in PYDANTIC_BODY:
-        return  # BUG_BODY_BEFORE_KEY, replayed as a strict xfail below
     if case.operation.path == "/healthz":
         assert response.status_code == 200
     else:
@@ -270,7 +205,7 @@ def test_a_wrong_key_is_401_everywhere_but_healthz(case, service):
         assert response.headers.get("www-authenticate") == ["Bearer"] or case.operation.path == "/v1/events/s3"
 
 
-# -- the known bugs, one request each -----------------------------------------------------------------------------
+# -- what the properties found once, one request each ------------------------------------------------------------
 def send(service, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"):
     request = urllib.request.Request(service.url + path, method=method, data=body,
                                      headers={"Authorization": f"Bearer {service.key}", "Content-Type": content_type})
@@ -281,31 +216,27 @@ def send(service, method: str, path: str, body: bytes | None = None, content_typ
         return error.code
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_URL)
 @pytest.mark.parametrize("method, path, field, url", [("PUT", "/v1/webhook", "url", "http://a..b/x"),
                                                       ("POST", "/v1/jobs", "image", "http://[::1/x"),
                                                       ("POST", "/v1/jobs", "webhook_url", "http://\udc80/x")])
-def test_known_bug_unparsable_url_is_a_500(service, method, path, field, url):
+def test_an_unparsable_url_is_a_4xx(service, method, path, field, url):
     body = {"image": f"inputs/{TENANT}/a.png", "audio": f"inputs/{TENANT}/a.wav"} if path == "/v1/jobs" else {}
     assert send(service, method, path, json.dumps({**body, field: url}).encode()) < 500
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_CURSOR)
 @pytest.mark.parametrize("path", ["/v1/jobs", "/v1/webhook-deliveries"])
-def test_known_bug_huge_cursor_is_a_500(service, path):
+def test_a_huge_cursor_is_a_4xx(service, path):
     assert send(service, "GET", f"{path}?cursor=99999999999999999999") < 500
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_NESTING)
 @pytest.mark.parametrize("path, content_type", [("/v1/jobs", "application/json"), ("/v1/batches", "application/json"),
                                                 ("/v1/batches", "application/x-ndjson")])
-def test_known_bug_deep_json_is_a_500(service, path, content_type):
+def test_deep_json_is_a_4xx(service, path, content_type):
     assert send(service, "POST", path, b"[" * 50_000, content_type) < 500
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_BODY_BEFORE_KEY)
 @pytest.mark.parametrize("method, path", [("POST", "/v1/uploads"), ("PUT", "/v1/webhook")])
-def test_known_bug_a_wrong_key_with_a_body_that_is_not_json_is_a_422(service, method, path):
+def test_a_wrong_key_with_a_body_that_is_not_json_is_a_401(service, method, path):
     request = urllib.request.Request(service.url + path, method=method, data=b"\x00", headers={
         "Authorization": f"Bearer {WRONG_KEY}", "Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as answer:
@@ -313,7 +244,6 @@ def test_known_bug_a_wrong_key_with_a_body_that_is_not_json_is_a_422(service, me
     assert answer.value.code == 401
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_SURROGATE)
-def test_known_bug_lone_surrogate_in_a_key_is_a_500(service):
+def test_a_lone_surrogate_in_a_key_is_a_4xx(service):
     body = b'{"image": "inputs/acme/x\\ud800.png", "audio": "inputs/acme/x.wav"}'
     assert send(service, "POST", "/v1/jobs", body) < 500
