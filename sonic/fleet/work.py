@@ -200,6 +200,18 @@ class Worker:
                     self.blockers.pop(cause, None)
         self._apply(resend)  # now and then again: the broker may have lost a command (Redis's are fire and forget)
 
+    def check_health(self) -> list[str]:
+        """At start: pause (with the reasons, logged) when this worker's ComfyUI cannot run the standard workflow."""
+        try:
+            problems = self.health_problems()
+        except Exception as exc:  # noqa: BLE001 (unreachable, or an answer that is not ComfyUI's)
+            problems = [f"its ComfyUI at {self.server.url} does not answer ({exc})"]
+        if problems:
+            self.block("health", "; ".join(problems))
+            if self.app is None:  # no broker to pause (the service's executor): say it here
+                log.warning("%s takes no jobs until this is fixed: %s", self.name, "; ".join(problems))
+        return problems
+
     def health_problems(self) -> list[str]:
         if not self.server.alive():
             return [f"its ComfyUI at {self.server.url} does not answer"]
@@ -611,12 +623,7 @@ def serve(broker: str, comfyui: str, database: str, concurrency: int = 1, name: 
         worker.node = getattr(sender, "hostname", None) or name
         for thread in threads:
             thread.start()
-        try:
-            problems = worker.health_problems()
-        except Exception as exc:  # noqa: BLE001
-            problems = [f"its ComfyUI at {comfyui} does not answer ({exc})"]
-        if problems:
-            worker.block("health", "; ".join(problems))
+        worker.check_health()
         log.info("%s serves %s from %s (job database %s; lease %g s)", name, comfyui, safe_url(broker), db.display,
                  worker.lease_s)
 

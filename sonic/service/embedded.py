@@ -47,13 +47,7 @@ class Executor:
     def serve(self, worker: Worker) -> None:
         """Take due jobs one at a time (oldest first) while this worker's ComfyUI, the store and the database
         answer; a claim another worker won is skipped."""
-        try:
-            problems = worker.health_problems()
-        except Exception as exc:  # noqa: BLE001
-            problems = [f"its ComfyUI at {worker.server.url} does not answer ({exc})"]
-        if problems:
-            worker.block("health", "; ".join(problems))
-            log.warning("%s takes no jobs until this is fixed: %s", worker.name, "; ".join(problems))
+        worker.check_health()
         while not self.stop.is_set():
             try:
                 if worker.blockers:
