@@ -61,6 +61,15 @@ def wait_state(service, key: str, job_id: str, states: tuple[str, ...], seconds:
     return job
 
 
+def wait_comfyui(service, until, job_id: str, key: str, seconds: float = 120) -> None:
+    """Until `until(prompts running on the ComfyUI)` holds."""
+    deadline = time.time() + seconds
+    while not until(json.loads(urllib.request.urlopen(service.comfy.url + "/queue", timeout=10).read())[
+            "queue_running"]):
+        assert time.time() < deadline, service.call("GET", f"/v1/jobs/{job_id}", key)
+        time.sleep(0.2)
+
+
 def test_a_job_from_uploaded_files_runs_and_its_link_gives_the_stored_bytes(live, tiny_dir):
     pytest.importorskip("standardwebhooks")
     key, secret = live.key("acme")
@@ -117,16 +126,10 @@ def test_a_running_job_is_cancelled_and_leaves_comfyuis_queue(live, tiny_dir):
     made = live.call("POST", "/v1/jobs", key, {"image": "inputs/canceller/portrait.png",
                                                "audio": "inputs/canceller/speech.wav",
                                                "params": {**FAST, "steps": 40}})[1]
-    deadline = time.time() + 120
-    while not json.loads(urllib.request.urlopen(live.comfy.url + "/queue", timeout=10).read())["queue_running"]:
-        assert time.time() < deadline, live.call("GET", f"/v1/jobs/{made['id']}", key)
-        time.sleep(0.2)
+    wait_comfyui(live, lambda running: running, made["id"], key)
     status, cancelled = live.call("POST", f"/v1/jobs/{made['id']}/cancel", key)
     assert status == 200 and cancelled["state"] == "cancelled"
-    deadline = time.time() + 30
-    while json.loads(urllib.request.urlopen(live.comfy.url + "/queue", timeout=10).read())["queue_running"]:
-        assert time.time() < deadline
-        time.sleep(0.3)
+    wait_comfyui(live, lambda running: not running, made["id"], key, 30)
     time.sleep(LEASE_S / 2)  # the executor's next heartbeat has seen the cancel: nothing is stored later
     assert live.call("GET", f"/v1/jobs/{made['id']}", key)[1]["state"] == "cancelled"
     listed = client.list_objects_v2(Bucket="studio", Prefix=f"svc/canceller/jobs/{made['id']}/")
@@ -225,10 +228,7 @@ def test_a_job_running_when_the_service_dies_runs_again_after_a_restart(live, ti
     made = live.call("POST", "/v1/jobs", key, {"image": "inputs/restarter/portrait.png",
                                                "audio": "inputs/restarter/speech.wav",
                                                "params": {**FAST, "steps": 6, "seed": 77}})[1]
-    deadline = time.time() + 120
-    while not json.loads(urllib.request.urlopen(live.comfy.url + "/queue", timeout=10).read())["queue_running"]:
-        assert time.time() < deadline
-        time.sleep(0.2)
+    wait_comfyui(live, lambda running: running, made["id"], key)
     live.process.send_signal(signal.SIGKILL)
     live.process.wait(30)
     live.http.close()
