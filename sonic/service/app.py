@@ -209,10 +209,14 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
             row, created = await _multipart(request, who, idempotency_key)
         elif kind in ("application/json", ""):
             job = await _model(request, JobIn)
-            params = service.params(job.params, job.preset)
-            row, created = await asyncio.to_thread(
-                service.create, who, service.source(job.image, "image", who), service.source(job.audio, "audio", who),
-                params, service.webhook(job.webhook_url), idempotency_key)
+
+            def create():  # in a thread: the checks resolve host names, the database is synchronous
+                params = service.params(job.params, job.preset)
+                return service.create(who, service.source(job.image, "image", who),
+                                      service.source(job.audio, "audio", who), params, service.webhook(job.webhook_url),
+                                      idempotency_key)
+
+            row, created = await asyncio.to_thread(create)
         else:
             raise ServiceError(415, "send application/json or multipart/form-data (fields image, audio, params)",
                                "Content-Type")
@@ -266,7 +270,7 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
             except (ValueError, TypeError):
                 raise ServiceError(422, "params: not JSON; give a JSON object, e.g. {\"seed\": 7}", "params") from None
             params = service.params(params, form.get("preset") or None)
-            hook = service.webhook(form.get("webhook_url") or None)
+            hook = form.get("webhook_url") or None
             files = {}
             for field, types in (("image", IMAGE_TYPES), ("audio", AUDIO_TYPES)):
                 upload = form.get(field)
@@ -286,6 +290,7 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
         return await asyncio.to_thread(_store_and_create, who, files, params, hook, idempotency_key)
 
     def _store_and_create(who, files, params, hook, idempotency_key):
+        hook = service.webhook(hook)  # resolves its host: here, in a thread
         uris, made = {}, []
         try:
             for field, (data, content_type, filename, suffix) in files.items():
@@ -346,7 +351,7 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
              responses={200: {"content": {"text/event-stream": {}}, "description": "`event: job` with the job "
                               "as data whenever it changes; ends after done, failed or cancelled"}})
     async def job_events(request: Request, job_id: str, who: str = Depends(tenant)):
-        own_job(who, job_id)
+        await asyncio.to_thread(own_job, who, job_id)
         link_base = base(request)
 
         async def stream():
@@ -485,15 +490,18 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
             raise ServiceError(422, "jobs: text with a lone surrogate (\\ud800...) is not text", "jobs") from None
         if len(raw) > 10_000:
             raise ServiceError(413, "at most 10000 jobs in one batch", "jobs")
-        rows = []
-        for number, item in enumerate(raw, 1):
-            if not isinstance(item, dict):
-                raise ServiceError(422, f"jobs row {number}: a job is an object with id, image, audio", "jobs")
-            params = service.params({k: v for k, v in item.items() if k not in ("id", "image", "audio")}, preset)
-            rows.append({"id": item.get("id", number), "image": service.source(item.get("image"), "image", who),
-                         "audio": service.source(item.get("audio"), "audio", who), **params})
-        batch, created = await asyncio.to_thread(service.create_batch, who, rows, service.webhook(hook),
-                                                 idempotency_key)
+
+        def create():  # in a thread: the checks resolve host names, the database is synchronous
+            rows = []
+            for number, item in enumerate(raw, 1):
+                if not isinstance(item, dict):
+                    raise ServiceError(422, f"jobs row {number}: a job is an object with id, image, audio", "jobs")
+                params = service.params({k: v for k, v in item.items() if k not in ("id", "image", "audio")}, preset)
+                rows.append({"id": item.get("id", number), "image": service.source(item.get("image"), "image", who),
+                             "audio": service.source(item.get("audio"), "audio", who), **params})
+            return service.create_batch(who, rows, service.webhook(hook), idempotency_key)
+
+        batch, created = await asyncio.to_thread(create)
         return JSONResponse(_batch_view(batch), status_code=201 if created else 200)
 
     def _batch_view(batch: dict) -> dict:
