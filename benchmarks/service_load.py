@@ -4,13 +4,14 @@ open and reconnect when it ends, some list GET /v1/jobs?limit=20. Per request ty
 exceptions), p50/p90/p99 latency of the answered requests (SSE: time to the first event), and the CPU the service
 and this client used (they share the machine).
 
-    python benchmarks/service_load.py [--clients 200] [--seconds 60] [--jobs 20] [--sse-share 0.2]
-        [--list-share 0.1] [--interval 0] [--database URL | --postgres] [--out benchmarks/results/service_load_<db>.json]
+    python benchmarks/service_load.py [--clients 200] [--seconds 60] [--jobs 20] [--sse-share 0.2] [--list-share 0.1]
+        [--interval 0] [--database URL | --postgres] [--out benchmarks/results/service_load_<db>.json]
     python benchmarks/service_load.py --url http://host:8080 --key sk_... --tenant NAME   # a running service
 
 Without --url it starts the service here (--no-executor: the jobs stay queued, nothing runs; a SQLite file in a
 temporary folder unless --database, or a throwaway PostgreSQL from tests/servers.py with --postgres) and reads its
-log afterwards for 5xx and tracebacks (the folder stays, with the log). The jobs' inputs are store keys under inputs/<tenant>/ that need not exist.
+log afterwards for 5xx and tracebacks (the folder stays, with the log). The jobs' inputs are store keys under
+inputs/<tenant>/ that need not exist.
 --interval 0 is a closed loop (each client sends its next request as soon as the last one is answered): the
 throughput the service reaches, with latency = clients / throughput; --interval 2 is the upload page's polling.
 """
@@ -180,7 +181,8 @@ class LocalService:
     def problems(self) -> dict:
         text = self.log_path.read_text(errors="replace")
         lines = text.splitlines()
-        return {"log": str(self.log_path), "responses_5xx": sum(1 for line in lines if '" 5' in line and "HTTP/1.1" in line),
+        answered_5xx = sum(1 for line in lines if '" 5' in line and "HTTP/1.1" in line)
+        return {"log": str(self.log_path), "responses_5xx": answered_5xx,
                 "tracebacks": text.count("Traceback (most recent call last)"),
                 "error_lines": [line for line in lines if line.startswith(("ERROR", "WARNING"))][:20]}
 
