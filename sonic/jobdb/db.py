@@ -141,7 +141,8 @@ def _emit(connection, job_id: int, state: str) -> None:
 
 
 class JobDB:
-    def __init__(self, url: str, echo: bool = False):
+    def __init__(self, url: str, echo: bool = False, pool_size: int = 2):
+        """pool_size: PostgreSQL connections kept open (a worker needs 2; the service one per request thread)."""
         parsed = make_url(url)
         if parsed.drivername == "postgresql":  # psycopg 3 is the driver we install
             parsed = parsed.set(drivername="postgresql+psycopg")
@@ -164,7 +165,7 @@ class JobDB:
                 event.listen(engine, "connect", _sqlite_pragmas)
                 event.listen(engine, "begin", functools.partial(_sqlite_begin, begin))
         elif self.dialect == "postgresql":
-            self.engine = create_engine(parsed, echo=echo, pool_pre_ping=True, pool_size=2,
+            self.engine = create_engine(parsed, echo=echo, pool_pre_ping=True, pool_size=pool_size,
                                         connect_args={"connect_timeout": 10})
             self.reader = self.engine
         else:

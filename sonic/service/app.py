@@ -64,7 +64,7 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
     check_url_expiry(url_expiry_s)
     max_upload = env_bytes("SONIC_MAX_UPLOAD_BYTES", 200 * 2**20)
     events_secret = os.environ.get("SONIC_EVENTS_SECRET", "")
-    db = JobDB(database)
+    db = JobDB(database, pool_size=20)  # FastAPI's request threads (40) share these instead of reconnecting
     db.upgrade()
     keys = Tenants(db)
     from ..jobdb.webhooks import Webhooks
@@ -109,7 +109,16 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
         import swagger_ui_bundle
     except ImportError:
         swagger_ui_bundle = None
-    app = FastAPI(title="Sonic Portrait", version="1", lifespan=lifespan,
+    class ErrorOut(BaseModel):
+        error: str = Field(description="what was wrong and what to do")
+        field: str | None = Field(None, description="the field, header or parameter it names")
+
+    errors = {code: {"model": ErrorOut, "description": text} for code, text in (
+        (401, "no valid API key"), (403, "a link or upload form whose signature is not valid or expired"),
+        (404, "not found (or another tenant's)"), (409, "nothing to cancel"), (411, "Content-Length missing"),
+        (413, "too large"), (415, "unsupported Content-Type"), (422, "a field is not valid"),
+        (503, "the job database or the store is unreachable; try again (Retry-After)"))}
+    app = FastAPI(title="Sonic Portrait", version="1", lifespan=lifespan, responses=errors,
                   docs_url=None if swagger_ui_bundle else "/docs",
                   description="Talking-head videos from a portrait and a recording (Sonic), as jobs. Authenticate "
                               "with `Authorization: Bearer <api key>` (python -m sonic serve keys create --tenant "

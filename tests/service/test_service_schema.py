@@ -175,8 +175,9 @@ def steer(schema, service) -> None:
 
 # -- the properties --------------------------------------------------------------------------------------------
 schema = schemathesis.pytest.from_fixture("api_schema")
-CHECKS = [schemathesis.checks.not_a_server_error, schemathesis.checks.content_type_conformance,
-          schemathesis.checks.response_schema_conformance, schemathesis.checks.response_headers_conformance]
+CHECKS = [schemathesis.checks.not_a_server_error, schemathesis.checks.status_code_conformance,
+          schemathesis.checks.content_type_conformance, schemathesis.checks.response_schema_conformance,
+          schemathesis.checks.response_headers_conformance]
 
 
 @schema.parametrize()
