@@ -64,7 +64,7 @@ def create_app(database: str, store: str, broker: str | None = None, url_expiry_
     check_url_expiry(url_expiry_s)
     max_upload = env_bytes("SONIC_MAX_UPLOAD_BYTES", 200 * 2**20)
     events_secret = os.environ.get("SONIC_EVENTS_SECRET", "")
-    db = JobDB(database, pool_size=20)  # FastAPI's request threads (40) share these instead of reconnecting
+    db = JobDB(database, pool_size=40)  # one per FastAPI request thread (40): no reconnecting under load
     db.upgrade()
     keys = Tenants(db)
     from ..jobdb.webhooks import Webhooks
