@@ -96,9 +96,11 @@ def test_half_precision_end_to_end_stays_close_to_float32(dtype, tiny_dir, tiny_
     full = pipeline.sample(tiny_models, tiny_cond, SampleOptions(inference_steps=2), noise=noise)
     assert low.dtype == half.dtype and torch.isfinite(low).all()
     assert rel_err(low, full) < PRECISION_BOUNDS[dtype]
-    frames = torch.cat(list(pipeline.decode(half, low, SampleOptions())))  # VAE in half precision, RIFE fp32
+    # VAE in half precision, RIFE fp32, on the first 3 latent frames: fp16 convolutions are slow on a CPU (the whole
+    # video took 8 minutes, most of it here) and every chunk is decoded alike
+    frames = torch.cat(list(pipeline.decode(half, low[:, :3], SampleOptions())))
     assert frames.dtype == torch.float32 and torch.isfinite(frames).all()
-    assert frames.shape[0] == 2 * full.shape[1] - 1
+    assert frames.shape[0] == 2 * 3 - 1
 
 
 def test_precision_bounds_separate_a_different_result(tiny_models, tiny_cond, expected):
