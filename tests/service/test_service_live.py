@@ -106,6 +106,9 @@ def test_a_job_from_uploaded_files_runs_and_its_link_gives_the_stored_bytes(live
         (headers, _, event), = receiver.seen
         assert event["type"] == "job.done" and event["data"]["id"] == made["id"]
         assert event["data"]["output"] == {"sha256": job["output"]["sha256"], "bytes": job["output"]["bytes"]}
+        while not live.call("GET", f"/v1/webhook-deliveries?job={made['id']}", key)[1]["deliveries"]:
+            assert time.time() < deadline  # the sender records the delivery after the receiver answered
+            time.sleep(0.1)
         after = live.call("GET", "/metrics", key)[1]
         assert metric(after, "sonic_jobs", state="done") == metric(before, "sonic_jobs", state="done") + 1
         assert metric(after, "sonic_store_requests_total", operation="put", outcome="ok") >= \
