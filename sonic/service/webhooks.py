@@ -247,7 +247,7 @@ class Sender:
             next_try = "gave up" if final_state else f"next try in {retry_in_s:.3g} s"
             log.warning("webhook %s (%s, tenant %s) to %s: try %d failed: %s; %s", event.msg_id, event.type,
                         event.tenant, urllib.parse.urlsplit(event.url).hostname, attempt, result.error, next_try)
+        WEBHOOK_DELIVERIES.labels(outcome=outcome).inc()  # first: whoever sees the logged try sees it counted
         self.webhooks.record(event.id, attempt, result.status_code, result.error, result.duration_ms, retry_in_s,
                              final_state)
-        WEBHOOK_DELIVERIES.labels(outcome=outcome).inc()
         return outcome
