@@ -94,18 +94,29 @@ def gather_to_device(host: torch.Tensor, index: torch.Tensor, device: torch.devi
     return staged.to(device, non_blocking=True)
 
 
+def nonblocking_to_host(device: torch.device | str) -> bool:
+    """Whether a copy from `device` into host memory may be queued without waiting (`non_blocking=True`): only
+    from a CUDA device, where the copier records an event after the copy and waits on it before the host reads.
+    ComfyUI turns non_blocking off on MPS and XPU (`model_management.device_supports_non_blocking`): there the
+    host would read a buffer the copy may not have filled yet, with no event to wait on; from the CPU there is
+    nothing to wait for."""
+    return torch.device(device).type == "cuda"
+
+
 class _HostAccumulator:
-    """Sums window results into a full-length host buffer. A device result is copied back asynchronously and
-    added one call later, so the host never waits for the GPU while it still has work queued."""
+    """Sums window results into a full-length host buffer. A CUDA result is copied back asynchronously and added
+    one call later, so the host never waits for the GPU while it still has work queued (elsewhere the copy
+    waits, see `nonblocking_to_host`)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.pending: tuple | None = None
 
     def add_later(self, summed: torch.Tensor, index: torch.Tensor, stepped: torch.Tensor) -> None:
-        copied = stepped.to("cpu", non_blocking=True)  # lands in page-locked memory for CUDA
+        asynchronous = nonblocking_to_host(self.device)
+        copied = stepped.to("cpu", non_blocking=asynchronous)  # lands in page-locked memory when asynchronous
         done = None
-        if self.device.type == "cuda":
+        if asynchronous:
             done = torch.cuda.Event()
             done.record()
         self.flush()

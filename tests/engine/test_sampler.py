@@ -6,9 +6,11 @@ import json
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
-from sonic.engine.sampler import (euler_step, karras_sigmas, sample_windows, scale_input, schedule_from_config, v_scalings,
-                                  window_indices)
+from sonic.engine import sampler
+from sonic.engine.sampler import (_HostAccumulator, euler_step, karras_sigmas, nonblocking_to_host, sample_windows,
+                                  scale_input, schedule_from_config, v_scalings, window_indices)
 
 SVD_SIGMAS_25 = [700.0, 545.729248, 421.569122, 322.453674, 244.023071, 182.547134, 134.854446, 98.267136,
                  70.54084, 49.809792, 34.536739, 23.467512, 15.589968, 10.09713, 6.354266, 3.869697, 2.269116,
@@ -96,3 +98,54 @@ def test_every_frame_is_updated_once_per_step_and_overlaps_average(frames, windo
         expected = euler_step(expected, torch.zeros_like(expected), s, s_next)
     torch.testing.assert_close(out, expected)
     assert (visits >= 2).all()  # at least once per step
+
+
+class HostCopies(TorchFunctionMode):
+    """Records the non_blocking flag of every `Tensor.to(...)` into host memory made inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.non_blocking: list[bool] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to:
+            target = kwargs.get("device", args[1] if len(args) > 1 else None)
+            if isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu":
+                self.non_blocking.append(kwargs.get("non_blocking", False))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("device, asynchronous", [("cuda", True), ("cuda:1", True), ("mps", False), ("xpu", False),
+                                                  ("cpu", False)])
+def test_only_copies_from_cuda_to_the_host_are_asynchronous(device, asynchronous):
+    """As ComfyUI decides (`device_supports_non_blocking`): on CUDA the sampler waits on an event before reading;
+    MPS and XPU have none, so a non_blocking copy could be read half-filled."""
+    assert nonblocking_to_host(torch.device(device)) is asynchronous
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "cpu"])
+def test_the_samplers_copies_back_to_the_host_wait_where_nothing_else_does(device):
+    """The sampler's device-to-host copy of a window's result, on devices without CUDA's events: a host tensor
+    stands in for the device's (the flag the copy is made with is what counts)."""
+    accumulator, summed = _HostAccumulator(torch.device(device)), torch.zeros(4, 2)
+    with HostCopies() as copies:
+        accumulator.add_later(summed, torch.tensor([[0, 1]]), torch.ones(1, 2, 2))
+        accumulator.flush()
+    assert copies.non_blocking == [False]
+    assert summed.tolist() == [[1, 1], [1, 1], [0, 0], [0, 0]]
+
+
+def test_the_sampling_loop_asks_the_device_policy_for_every_copy_back(monkeypatch):
+    asked = []
+
+    def policy(device):
+        asked.append(torch.device(device))
+        return nonblocking_to_host(device)
+
+    monkeypatch.setattr(sampler, "nonblocking_to_host", policy)
+    with HostCopies() as copies:
+        sample_windows(lambda x_in, idx, step, t: torch.zeros_like(x_in), torch.randn(30, 4, 2, 2),
+                       torch.tensor([10.0, 5.0, 0.0]), torch.tensor([0.5, 0.4]), device="cpu")
+    assert len(asked) == 4 and set(asked) == {torch.device("cpu")}  # 2 windows x 2 steps
+    assert copies.non_blocking and not any(copies.non_blocking)
