@@ -103,22 +103,28 @@ def nonblocking_to_host(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def record_copy_done(device: torch.device) -> torch.cuda.Event:
+    """An event that completes once the work queued so far on CUDA `device` (a copy back to the host) is done:
+    recorded on that device's current stream, where its copies are queued. The current device's stream (what
+    `Event.record()` uses) is another card's when the sampler runs on cuda:1 and the current device is cuda:0."""
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    return done
+
+
 class _HostAccumulator:
     """Sums window results into a full-length host buffer. A CUDA result is copied back asynchronously and added
     one call later, so the host never waits for the GPU while it still has work queued (elsewhere the copy
     waits, see `nonblocking_to_host`)."""
 
     def __init__(self, device: torch.device):
-        self.device = device
+        self.device = device  # where the window results are (the sampler's device)
         self.pending: tuple | None = None
 
     def add_later(self, summed: torch.Tensor, index: torch.Tensor, stepped: torch.Tensor) -> None:
         asynchronous = nonblocking_to_host(self.device)
         copied = stepped.to("cpu", non_blocking=asynchronous)  # lands in page-locked memory when asynchronous
-        done = None
-        if asynchronous:
-            done = torch.cuda.Event()
-            done.record()
+        done = record_copy_done(self.device) if asynchronous else None
         self.flush()
         self.pending = (summed, index, copied, done)
 

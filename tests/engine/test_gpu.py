@@ -125,3 +125,28 @@ def test_the_sampling_loop_never_waits_for_the_gpu_by_accident(cuda_models, tiny
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
     assert not syncs, syncs[:3]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_the_host_reads_each_windows_result_only_after_its_copy_from_the_samplers_gpu(index):
+    """The sampler on cuda:`index` while the current device stays cuda:0, each window's result held back by a
+    GPU sleep queued before it: the host must wait for the copy on that GPU's stream (an event on the current
+    device's stream does not wait for cuda:1, and the host would add a half-filled buffer). v = 0 makes every
+    window's update known exactly (tests/engine/test_sampler.py)."""
+    from sonic.engine.sampler import euler_step, sample_windows
+
+    if torch.cuda.device_count() <= index:
+        pytest.skip(f"needs {index + 1} CUDA devices")
+    latents, sigmas, timesteps = torch.randn(57, 4, 16, 16), torch.tensor([10.0, 5.0, 0.0]), torch.tensor([0.5, 0.4])
+
+    def slow_zero_v(x_in, frame_index, step, timestep):
+        with torch.cuda.device(x_in.device):
+            torch.cuda._sleep(20_000_000)  # ~10 ms of the GPU's time before the result exists
+        return torch.zeros_like(x_in)
+
+    assert torch.cuda.current_device() == 0
+    out = sample_windows(slow_zero_v, latents, sigmas, timesteps, device=f"cuda:{index}")
+    expected = latents
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        expected = euler_step(expected, torch.zeros_like(expected), sigma, sigma_next)
+    torch.testing.assert_close(out, expected)

@@ -149,3 +149,30 @@ def test_the_sampling_loop_asks_the_device_policy_for_every_copy_back(monkeypatc
                        torch.tensor([10.0, 5.0, 0.0]), torch.tensor([0.5, 0.4]), device="cpu")
     assert len(asked) == 4 and set(asked) == {torch.device("cpu")}  # 2 windows x 2 steps
     assert copies.non_blocking and not any(copies.non_blocking)
+
+
+def test_the_host_waits_for_the_copy_on_the_stream_of_the_results_device(monkeypatch):
+    """With --device cuda:1 the copy back is queued on cuda:1's stream while the current device may be cuda:0: an
+    event recorded on the current device's stream would complete at once and the host would read a half-filled
+    buffer. Here CUDA's event and streams are stand-ins that log what the sampler asks of them, and a host tensor
+    stands in for the window's result on cuda:1."""
+    log = []
+
+    class Event:
+        def record(self, stream=None):
+            log.append(("record on", stream))
+
+        def synchronize(self):
+            log.append(("wait",))
+
+    def current_stream(device=None):
+        return "the stream of " + (str(torch.device(device)) if device is not None else "the current device")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    accumulator, summed = _HostAccumulator(torch.device("cuda", 1)), torch.zeros(4, 2)
+    accumulator.add_later(summed, torch.tensor([[0, 1]]), torch.ones(1, 2, 2))
+    assert log == [("record on", "the stream of cuda:1")]
+    assert not summed.any()  # not read before the event says the copy is done
+    accumulator.flush()
+    assert log[-1] == ("wait",) and summed.tolist() == [[1, 1], [1, 1], [0, 0], [0, 0]]
