@@ -29,6 +29,12 @@ class ComfyVAE:
     def __init__(self, vae):
         self.vae = vae
 
+    @property
+    def dtype(self):
+        """ComfyUI's choice (`model_management.vae_dtype`): fp32 on cards without fast fp16 or bf16, whatever the
+        UNet's dtype."""
+        return self.vae.vae_dtype
+
     def encode_mean(self, image):
         """[B, 3, H, W] in [-1, 1] -> unscaled latents (ComfyUI's VAE returns the distribution's mode = mean)."""
         pixels = ((image.float() + 1) / 2).clamp(0, 1).movedim(1, -1)

@@ -72,7 +72,7 @@ class SonicPreDataNode:
 
         located = _FACE_CACHE.get(FaceCache.key(pil, options.face_box, crop, expand_ratio, detector), analyse)
         comfy.check_interrupt()
-        sonic_model.load("audio", "image", memory_required=prepare_bytes(pil.size, options, models.dtype))
+        sonic_model.load("audio", "image", memory_required=prepare_bytes(pil.size, options, models.vae.dtype))
         cond = prepare(models, pil, (speech, SAMPLE_RATE), options, located=located)
         seconds = len(cond.audio_samples) / SAMPLE_RATE
         return (SonicPreData(cond=cond, audio=trim_audio(audio, seconds)),)

@@ -18,6 +18,7 @@ class VAE(Protocol):
     """What the pipeline asks of SVD's VAE (this module's `DiffusersVAE`, the nodes' `ComfyVAE`)."""
 
     scaling_factor: float  # latents are multiplied by it before sampling (SVD: 0.18215)
+    dtype: torch.dtype  # what it computes in (its working memory scales with it; ComfyUI's may differ from the UNet's)
 
     def encode_mean(self, image: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> unscaled latent mean [B, 4, H/8, W/8]."""
@@ -42,6 +43,10 @@ class DiffusersVAE:
     @property
     def scaling_factor(self) -> float:
         return float(self.model.config.scaling_factor)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
 
     @torch.no_grad()
     def encode_mean(self, image: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ class RunPlan:
     latent_size: tuple[int, int]  # (h, w) of the latents
     num_frames: int  # generated at 12.5 fps
     dtype: object  # the compute dtype (torch.dtype or its name)
+    vae_dtype: object  # the VAE's (ComfyUI's VAE may run in fp32 beside an fp16 UNet)
     unet_bytes: int  # the UNet's weights
     largest_unit_bytes: int  # the largest streaming unit's weights
     rife: bool  # interpolation will run (asked for, RIFE loaded, more than one frame)
@@ -72,8 +73,8 @@ class RunPlan:
     @property
     def decode_bytes(self) -> int:
         o = self.options
-        return memory.decode_bytes(o.decode_chunk_size, o.interpolation_batch, self.height, self.width, self.dtype,
-                                   self.rife)
+        return memory.decode_bytes(o.decode_chunk_size, o.interpolation_batch, self.height, self.width,
+                                   self.vae_dtype, self.rife)
 
     def with_free_memory(self, free_bytes: int | None, force_low_vram: bool = False) -> "RunPlan":
         """The plan once the UNet's weights are on the device and `free_bytes` are free beside them: low-VRAM rows
@@ -102,7 +103,7 @@ def plan_run(models, cond, options: SampleOptions, device: DeviceMemory = Device
     width, height = cond.size
     rife = options.interpolation and models.rife is not None and cond.num_frames > 1
     base = RunPlan(options=options, width=width, height=height, num_frames=cond.num_frames, dtype=models.dtype,
-                   unet_bytes=unet_bytes, largest_unit_bytes=largest, rife=rife,
+                   vae_dtype=models.vae.dtype, unet_bytes=unet_bytes, largest_unit_bytes=largest, rife=rife,
                    latent_size=tuple(cond.image_latents.shape[-2:]))
     low_vram_call = base.unet_call_bytes(sequential_guidance=True)
     stream, note = options.stream_unet, None  # the user's own choice needs no note

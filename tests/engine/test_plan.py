@@ -3,12 +3,14 @@ rows or UNet streaming from the device's memory and the user's choices, with the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
 
 from sonic.engine import memory
+from sonic.engine.encoders import DiffusersVAE
 from sonic.engine.offload import unet_units
 from sonic.engine.plan import DeviceMemory, plan_run, prepare_bytes, video_size
 from sonic.params import PrepareOptions, SampleOptions
@@ -93,6 +95,18 @@ def test_output_fps_and_frame_count(tiny_models, tiny_cond):
     height, width = tiny_cond.size[1], tiny_cond.size[0]
     assert with_rife.decode_bytes == max(memory.vae_decode_bytes(8, height, width, tiny_models.dtype),
                                          memory.rife_bytes(4, height, width))
+
+
+def test_the_decode_estimate_is_in_the_vaes_dtype_not_the_unets(tiny_models, tiny_cond):
+    """ComfyUI loads SVD's VAE in fp32 on cards without fast half precision while the UNet computes in fp16: the
+    decode stage's working memory is the VAE's, twice an fp16 VAE's per pixel."""
+    vaes = {torch.float32: tiny_models.vae, torch.float16: DiffusersVAE(copy.deepcopy(tiny_models.vae.model).half())}
+    options = SampleOptions(interpolation=False)  # the VAE's chunk alone (RIFE runs in fp32 whatever the dtypes)
+    decode = {dtype: plan_run(dataclasses.replace(tiny_models, dtype=torch.float16, vae=vae), tiny_cond,
+                              options).decode_bytes for dtype, vae in vaes.items()}
+    width, height = tiny_cond.size
+    assert decode[torch.float32] == memory.vae_decode_bytes(8, height, width, torch.float32)
+    assert decode[torch.float32] == pytest.approx(2 * decode[torch.float16], abs=2)
 
 
 def test_the_predata_stage_is_planned_at_the_videos_size():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -192,6 +194,63 @@ def test_each_stage_tells_comfyui_the_memory_it_needs(comfy_env):
     assert mm.REQUESTS == [(STAGE_MODULES[0], memory.prepare_bytes(height, width, fp32))]
     assert mm.REQUESTS[0][1] == pytest.approx(width * height * memory.VAE_ENCODE_BYTES_PER_PIXEL * memory.SLACK, abs=1)
     assert mm.REQUESTS[0][1] > floor
+
+
+class _VAEInDtype:
+    """A comfy.sd.VAE as far as the nodes' memory requests read it: ComfyUI chooses its dtype apart from the
+    UNet's (`model_management.vae_dtype`: fp32 on cards without fast fp16 or bf16)."""
+
+    def __init__(self, dtype):
+        self.vae_dtype = dtype
+
+
+class _StageReached(Exception):
+    pass
+
+
+def test_vae_stages_ask_for_memory_in_comfyuis_vae_dtype_not_the_unets(comfy_env, monkeypatch):
+    """An older card: ComfyUI's VAE in fp32 beside an fp16 UNet. PreData's request (the portrait's encode, at a size
+    where it outweighs Whisper and CLIP even in fp16) and the decode stage's must count fp32 activations: twice an
+    fp16 VAE's. The stages stop right after their requests (what runs after them is tested above)."""
+    import comfy.model_management as mm
+
+    from sonic.engine import memory
+    from sonic.engine.plan import video_size
+    from sonic.params import PrepareOptions
+
+    _, predata = _prepare(comfy_env)  # 128 px, with the folder's VAE
+    _, image, audio = _inputs(comfy_env)
+    loader = _node(comfy_env, "SonicModelLoader")
+    pipeline = comfy_env["pack"].sonic.engine.pipeline
+
+    def stop(*args, **kwargs):
+        raise _StageReached
+
+    def sample(models, cond, options, **kwargs):  # what sampling hands the decode stage, without the UNet
+        return torch.zeros(1, cond.num_frames, *cond.image_latents.shape[1:])
+
+    monkeypatch.setattr(pipeline, "prepare", stop)
+    monkeypatch.setattr(pipeline, "sample", sample)
+    monkeypatch.setattr(pipeline, "decode", stop)
+    prepared, decoded = {}, {}
+    for vae_dtype in (torch.float32, torch.float16):
+        sonic = loader.load("Sonic/unet.pth", dtype="fp32", vae=_VAEInDtype(vae_dtype), clip_vision=object())[0]
+        sonic = dataclasses.replace(sonic, models=dataclasses.replace(sonic.models, dtype=torch.float16))  # its UNet
+        mm.REQUESTS.clear()
+        with pytest.raises(_StageReached):
+            _node(comfy_env, "SonicPreData").prepare(sonic, image, audio, min_resolution=640, duration=0.5,
+                                                     face_box="37,37,76,76")
+        with pytest.raises(_StageReached):
+            _sample(comfy_env, sonic, predata)
+        [(_, prepared[vae_dtype]), *_, (names, decoded[vae_dtype])] = mm.REQUESTS
+        assert names == ["IFNet"]  # ComfyUI's VAE is loaded by its own request, per chunk
+    width, height = video_size((144, 256), PrepareOptions(min_resolution=640))
+    assert prepared[torch.float32] == memory.prepare_bytes(height, width, torch.float32)
+    assert prepared[torch.float32] == pytest.approx(2 * prepared[torch.float16], abs=2)
+    width, height = VIDEO[128]
+    assert decoded[torch.float32] == memory.decode_bytes(CHUNK, RIFE_BATCH, height, width, torch.float32,
+                                                         interpolation=True)
+    assert decoded[torch.float32] == pytest.approx(2 * decoded[torch.float16], abs=2)
 
 
 def test_low_vram_mode_is_chosen_from_free_memory_and_gives_the_same_video(comfy_env, monkeypatch, caplog):
