@@ -51,7 +51,8 @@ def add_parsers(sub) -> None:
     gen.add_argument("--stream-unet", action="store_true", help="keep the UNet's weights in RAM and move one block "
                      "at a time to the GPU (for cards that cannot hold its 3 GB; slower; implies --low-vram)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    gen.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu; named on stderr), cpu, cuda, "
+                     "cuda:1, mps, ...")
     gen.add_argument("--face-detector", default="auto", choices=["auto", "yolo", "dlib"])
     gen.add_argument("--crf", type=int, default=18, help="H.264 quality (lower = better)")
     gen.add_argument("--preset", default="medium", help="x264 preset (ultrafast ... veryslow)")
@@ -107,7 +108,7 @@ def generate(args: argparse.Namespace) -> Path:
     from tqdm import tqdm
 
     from ..engine import pipeline
-    from ..engine.loader import load_models
+    from ..engine.loader import load_models, resolve_device
     from ..engine.plan import DeviceMemory, plan_run
     from ..post.video_io import write_mp4
 
@@ -132,7 +133,10 @@ def generate(args: argparse.Namespace) -> Path:
         if noise is None:
             raise ValueError(f"{args.noise} has no tensor named 'noise.latents'")
 
-    models = load_models(args.models, args.device, args.dtype, interpolation=opts.interpolation,
+    device = resolve_device(args.device)
+    if args.device == "auto":
+        print(f"device: {_device_description(device)}", file=sys.stderr)
+    models = load_models(args.models, device, args.dtype, interpolation=opts.interpolation,
                          face_detector="none" if args.face_box else args.face_detector,
                          unet_device="cpu")  # the run plan decides whether the UNet moves to the device or streams
     try:
@@ -182,6 +186,17 @@ def generate(args: argparse.Namespace) -> Path:
         save_file({"final_latents": latents.float().cpu().contiguous(),
                    "video_before_interp": to_video(before), "video_final": to_video(final)}, str(args.dump))
     return args.out
+
+
+def _device_description(device) -> str:
+    """What `--device auto` chose, and why where it is the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "mps":
+        return "mps (Apple GPU)"
+    return f"{device.type} (no CUDA or MPS GPU found)"
 
 
 def _free_bytes(device) -> int | None:

@@ -111,6 +111,59 @@ def test_memory_flags_reach_the_sampler_through_the_run_plan(tiny_dir, tmp_path,
     assert options.inference_steps == 1  # the other flags came through too
 
 
+def _gpus(monkeypatch, cuda: bool, mps: bool) -> None:
+    """This PyTorch sees an NVIDIA GPU (named 'NVIDIA H100') and/or an Apple GPU, or neither."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+@pytest.mark.parametrize("cuda, mps, chosen", [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"),
+                                               (False, False, "cpu")])
+def test_the_auto_device_is_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, chosen):
+    import torch
+
+    from sonic.engine.loader import resolve_device
+
+    _gpus(monkeypatch, cuda, mps)
+    assert resolve_device("auto") == resolve_device(None) == torch.device(chosen)
+
+
+class _Loading(Exception):
+    """Raised by the model-loading spy: the device generate chose is known, nothing is loaded."""
+
+
+@pytest.mark.parametrize("cuda, mps, line", [(True, True, "device: cuda (NVIDIA H100)"),
+                                             (False, True, "device: mps (Apple GPU)"),
+                                             (False, False, "device: cpu (no CUDA or MPS GPU found)")])
+def test_generate_says_which_device_auto_chose(tiny_dir, tmp_path, monkeypatch, capsys, cuda, mps, line):
+    import torch
+
+    from sonic.cli import build_parser
+    from sonic.cli import generate as command
+    from sonic.engine import loader
+
+    loaded = []
+
+    def load_models(models, device, *args, **kwargs):
+        loaded.append(device)
+        raise _Loading
+
+    _gpus(monkeypatch, cuda, mps)
+    monkeypatch.setattr(loader, "load_models", load_models)
+    argv = _args(tiny_dir, tmp_path)
+    argv[argv.index("--device") + 1] = "auto"
+    with pytest.raises(_Loading):
+        command.generate(build_parser().parse_args(["generate", *argv]))
+    assert capsys.readouterr().err.splitlines() == [line]
+    assert loaded == [torch.device(line.split()[1])]
+    with pytest.raises(_Loading):  # a device given by name is not announced
+        command.generate(build_parser().parse_args(["generate", *_args(tiny_dir, tmp_path)]))
+    assert capsys.readouterr().err == ""
+
+
 def _error_of(capsys, *argv):
     code = main(["generate", *argv])
     err = capsys.readouterr().err.strip()
