@@ -33,11 +33,10 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """'auto' = the first of an NVIDIA (CUDA) GPU, an Apple GPU (MPS) and the CPU that this PyTorch can use."""
+    """'auto' = an NVIDIA (CUDA) GPU if this PyTorch can use one, else the CPU. Apple's GPU only when named ('mps'):
+    its attention has no fused kernel here and materialises scores too big for MPS at 512 px and up (issue #19)."""
     if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but this PyTorch has no usable CUDA GPU; use --device cpu")
