@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from servers import skip_or_fail
+from servers import PostgreSQL, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("SONIC_REFERENCE_DIR", ROOT.parent / "shared" / "reference"))
@@ -117,3 +117,15 @@ def comfy_env(tmp_path_factory, tiny_dir):
 
     pack = load_pack(ROOT)
     return {"base": base, "pack": pack, "mappings": pack.NODE_CLASS_MAPPINGS}
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    """Debian's PostgreSQL on loopback, one server per test module (tests make their own databases in it)."""
+    server = PostgreSQL(tmp_path_factory.mktemp("pg"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        server.close()

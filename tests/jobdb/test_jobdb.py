@@ -8,23 +8,9 @@ import threading
 import time
 
 import pytest
-from servers import PostgreSQL
 
 from sonic.jobdb import JobDB
 from sonic.jobdb.db import DatabaseUnavailable
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory):
-    server = PostgreSQL(tmp_path_factory.mktemp("pg"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        close = getattr(server, "close", None)
-        if close:
-            close()
 
 
 _made = iter(range(10_000))

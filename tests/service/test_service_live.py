@@ -61,6 +61,17 @@ def wait_state(service, key: str, job_id: str, states: tuple[str, ...], seconds:
     return job
 
 
+def job_from_keys(service, tiny_dir, tenant: str, **params) -> tuple[str, dict]:
+    """A new tenant's key and a job made from the tiny inputs uploaded under its inputs/ -> (key, the job)."""
+    key, _ = service.key(tenant)
+    for name in ("portrait.png", "speech.wav"):
+        service.s3.client().upload_file(str(tiny_dir / "inputs" / name), "studio", f"svc/inputs/{tenant}/{name}")
+    made = service.call("POST", "/v1/jobs", key, {"image": f"inputs/{tenant}/portrait.png",
+                                                  "audio": f"inputs/{tenant}/speech.wav",
+                                                  "params": {**FAST, **params}})[1]
+    return key, made
+
+
 def wait_comfyui(service, until, job_id: str, key: str, seconds: float = 120) -> None:
     """Until `until(prompts running on the ComfyUI)` holds."""
     deadline = time.time() + seconds
@@ -122,13 +133,8 @@ def test_a_job_from_uploaded_files_runs_and_its_link_gives_the_stored_bytes(live
 
 
 def test_a_running_job_is_cancelled_and_leaves_comfyuis_queue(live, tiny_dir):
-    key, _ = live.key("canceller")
+    key, made = job_from_keys(live, tiny_dir, "canceller", steps=40)
     client = live.s3.client()
-    for name in ("portrait.png", "speech.wav"):
-        client.upload_file(str(tiny_dir / "inputs" / name), "studio", f"svc/inputs/canceller/{name}")
-    made = live.call("POST", "/v1/jobs", key, {"image": "inputs/canceller/portrait.png",
-                                               "audio": "inputs/canceller/speech.wav",
-                                               "params": {**FAST, "steps": 40}})[1]
     wait_comfyui(live, lambda running: running, made["id"], key)
     status, cancelled = live.call("POST", f"/v1/jobs/{made['id']}/cancel", key)
     assert status == 200 and cancelled["state"] == "cancelled"
@@ -224,13 +230,8 @@ def test_a_job_running_when_the_service_dies_runs_again_after_a_restart(live, ti
     interrupted on ComfyUI, and the job runs again to done (two attempts, one output)."""
     import signal
 
-    key, _ = live.key("restarter")
+    key, made = job_from_keys(live, tiny_dir, "restarter", steps=6, seed=77)
     client = live.s3.client()
-    for name in ("portrait.png", "speech.wav"):
-        client.upload_file(str(tiny_dir / "inputs" / name), "studio", f"svc/inputs/restarter/{name}")
-    made = live.call("POST", "/v1/jobs", key, {"image": "inputs/restarter/portrait.png",
-                                               "audio": "inputs/restarter/speech.wav",
-                                               "params": {**FAST, "steps": 6, "seed": 77}})[1]
     wait_comfyui(live, lambda running: running, made["id"], key)
     live.process.send_signal(signal.SIGKILL)
     live.process.wait(30)

@@ -12,7 +12,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from servers import PostgreSQL
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from sonic.jobdb import JobDB
@@ -22,19 +21,6 @@ from sonic.service.metrics import REGISTRY
 from sonic.service.webhooks import BACKOFF_S, Sender, retry_delay_s, sign
 
 TENANT = "acme"
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory):
-    server = PostgreSQL(tmp_path_factory.mktemp("pg"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        close = getattr(server, "close", None)
-        if close:
-            close()
 
 
 _made = iter(range(10_000))
