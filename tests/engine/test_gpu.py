@@ -1,7 +1,7 @@
 """The engine on a CUDA GPU (tiny reference models): same result as the CPU, half precision, memory that does not
 grow with the video, no host-device synchronisation inside the sampling loop. Skipped where no GPU is present
-(this project's CI machines have none; `benchmarks/gpu_session.sh` runs these and the full-size benchmarks
-when one is lent)."""
+(this project's CI machines have none), failed instead where SONIC_REQUIRE_GPU=1 says one must be there
+(`benchmarks/gpu_session.sh` sets it and runs these and the full-size benchmarks when one is lent)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,16 @@ from sonic.engine import pipeline
 from sonic.params import SampleOptions
 
 from helpers import rel_err
+from servers import skip_or_fail
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")]
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cuda_gpu():
+    """Every test here needs CUDA: skip without it, or fail where SONIC_REQUIRE_GPU=1 (a lent GPU machine)."""
+    if not torch.cuda.is_available():
+        skip_or_fail("no CUDA GPU on this machine", "SONIC_REQUIRE_GPU")
 
 
 @pytest.fixture(scope="module")
