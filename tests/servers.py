@@ -1,9 +1,12 @@
-"""Real servers for the tests, on 127.0.0.1 only, stopped afterwards: ComfyUI 0.8.0 with this pack, an S3 server
+"""Real servers for the tests, on 127.0.0.1 only, stopped afterwards: ComfyUI (0.8.0 and 0.18.2) with this pack, an S3 server
 (`rclone serve s3`, which checks SigV4 signatures), a plain HTTP file server, and the fleet's redis, RabbitMQ and
 PostgreSQL. The ones an outage test takes down restart on the same port (clients keep their URL).
 
-ComfyUI comes from ../shared/comfyui/install.sh (COMFYUI_DIR points at it; .ci/run installs it). Without it the
-tests that need it skip with the reason, unless SONIC_REQUIRE_COMFYUI=1 (CI), where they fail.
+ComfyUI comes from ../shared/comfyui/install.sh, in two versions (tests/run.sh installs both): 0.8.0 (COMFYUI_DIR,
+run by the tests' own interpreter or COMFYUI_PYTHON) and 0.18.2 (COMFYUI_018_DIR, run by COMFYUI_018_PYTHON, a venv
+of its own: the two pin different frontend packages). The live node and browser tests run on each; the batch, fleet
+and service tests put one server of each version behind the same jobs. Without a version the tests that need it skip
+with the reason, unless SONIC_REQUIRE_COMFYUI=1 (CI), where they fail.
 
 Ports: other people's tests run on the same machine, so a port found free may be taken before a server binds it.
 Servers that can bind port 0 do (ComfyUI, rclone, the in-process HTTP servers) and the port they got is read back
@@ -126,21 +129,40 @@ def need(what: str, found, how: str, require_env: str):
     skip_or_fail(f"{what} not available: {how}", require_env)
 
 
-def comfyui_dir() -> Path:
-    folder = os.environ.get("COMFYUI_DIR")
+# the ComfyUI versions the pack is tested on: version -> (folder variable, interpreter variable)
+COMFYUI_VERSIONS = {"0.8.0": ("COMFYUI_DIR", "COMFYUI_PYTHON"), "0.18.2": ("COMFYUI_018_DIR", "COMFYUI_018_PYTHON")}
+OLDEST, NEWEST = "0.8.0", "0.18.2"
+
+
+def comfyui_dir(version: str = OLDEST) -> Path:
+    """The folder of ComfyUI `version` (skip, or fail in CI, when it is not installed)."""
+    variable = COMFYUI_VERSIONS[version][0]
+    folder = os.environ.get(variable)
     found = folder and (Path(folder) / "main.py").is_file()
-    return Path(need("ComfyUI", folder if found else None,
-                     "set COMFYUI_DIR to a ComfyUI 0.8.0 folder (../shared/comfyui/install.sh DEST prints one)",
-                     "SONIC_REQUIRE_COMFYUI"))
+    return Path(need(f"ComfyUI {version}", folder if found else None,
+                     f"set {variable} to a ComfyUI {version} folder (../shared/comfyui/install.sh DEST PYTHON "
+                     f"{version} prints one; tests/run.sh installs both)", "SONIC_REQUIRE_COMFYUI"))
+
+
+def comfyui_python(version: str = OLDEST) -> str:
+    """The interpreter that runs ComfyUI `version` (its own environment; default: the tests' interpreter)."""
+    variable = COMFYUI_VERSIONS[version][1]
+    python = os.environ.get(variable)
+    if version != OLDEST and not python:
+        skip_or_fail(f"ComfyUI {version} needs its own environment: set {variable} (tests/run.sh makes one)",
+                     "SONIC_REQUIRE_COMFYUI")
+    return python or sys.executable
 
 
 class ComfyUI:
-    """`main.py --cpu` with an isolated base directory: the pack symlinked into custom_nodes, models/sonic = the
+    """ComfyUI `version`'s `main.py --cpu` with an isolated base directory: the pack symlinked into custom_nodes, models/sonic = the
     tiny reference models. Loopback URLs are allowed for the loaders (SONIC_URL_ALLOW), as an operator would.
     The first start binds port 0 and wait() reads the port back; a restart keeps it (clients know the URL)."""
 
-    def __init__(self, base: Path, tiny_dir: Path, threads: int | None = None, env: dict | None = None):
-        self.base, self.port = base, None
+    def __init__(self, base: Path, tiny_dir: Path, threads: int | None = None, env: dict | None = None,
+                 version: str = OLDEST):
+        self.base, self.port, self.version = base, None, version
+        self.folder, self.python = comfyui_dir(version), comfyui_python(version)  # skip now when it is missing
         # several servers on this 2-core machine: one thread each, or their thread pools fight (5x slower)
         self.env = {**({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})}
         for sub in ("custom_nodes", "models", "input", "output", "temp", "user"):
@@ -157,13 +179,13 @@ class ComfyUI:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "ComfyUI":
-        cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
+        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1",
                "--port", str(self.port or 0), "--base-directory", str(self.base), "--disable-api-nodes",
                "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK, "--database-url", "sqlite:///:memory:"]
         env = {**os.environ, "SONIC_URL_ALLOW": "127.0.0.1", **self.env}
         self.log_from = log_size(self.log_path)
         self.log = open(self.log_path, "a")
-        self.process = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(cmd, cwd=self.folder, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         return self
 
     def wait(self, seconds: float = 180) -> "ComfyUI":

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from servers import ROOT, ComfyUI, FileServer, S3Server, comfyui_dir
+from servers import NEWEST, OLDEST, ROOT, ComfyUI, FileServer, S3Server, comfyui_dir
 
 from sonic.jobs import comfy_api, jobsfile as jobs_mod
 from sonic.jobs.manifest import Manifest
@@ -203,7 +203,7 @@ def test_manifest_survives_a_cut_last_line(tmp_path):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_dir):
     """Two ComfyUI servers, an S3 server with an `inputs` and an `outputs` bucket, an HTTP server, the inputs."""
-    comfyui_dir()  # skip (or fail in CI) before starting anything
+    comfyui_dir(), comfyui_dir(NEWEST)  # skip (or fail in CI) before starting anything
     top = tmp_path_factory.mktemp("batch")
     material = top / "material"
     material.mkdir()
@@ -216,7 +216,9 @@ def world(tmp_path_factory, tiny_dir):
                     str(material / "speech.mp3")], check=True)
     gradient = (Image.linear_gradient("L").resize((144, 256)).convert("RGB"))
     gradient.save(material / "noface.png")  # a photo with no face in it
-    servers = [ComfyUI(top / name, tiny_dir, threads=1).start() for name in ("a", "b")]
+    # one server of each tested ComfyUI version behind the same batch
+    servers = [ComfyUI(top / name, tiny_dir, threads=1, version=version).start()
+               for name, version in (("a", OLDEST), ("b", NEWEST))]
     s3 = S3Server(top / "s3", ("inputs", "outputs"))
     files = FileServer(material)
     try:

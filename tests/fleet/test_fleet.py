@@ -22,10 +22,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from servers import ROOT, ComfyUI, PostgreSQL, RabbitMQ, Redis, S3Server, comfyui_dir
+from servers import NEWEST, OLDEST, ROOT, ComfyUI, PostgreSQL, RabbitMQ, Redis, S3Server, comfyui_dir
 
 FAST = {"steps": 2, "min_resolution": 128, "duration": 1.0}
-FILE_CHOICES = {"image", "audio", "sonic_unet"}  # combos listing files: checked by the workers' ComfyUI
 NO_GPU_STACK = ("torch", "numpy", "comfy", "folder_paths", "diffusers", "transformers", "cv2", "av", "PIL", "librosa")
 CLI = ("import sys\n"
        f"for name in {NO_GPU_STACK!r}: sys.modules[name] = None\n"
@@ -33,34 +32,6 @@ CLI = ("import sys\n"
        "sys.exit(main(sys.argv[1:]))\n")
 VISIBILITY_S = 2
 LEASE_S = 6
-
-
-def snapshot_of(mappings) -> dict:
-    """/object_info of the pack's nodes, as `submit` checks jobs without a ComfyUI: types and limits only."""
-    schema = {}
-    for name, cls in sorted(mappings.items()):
-        parts = {}
-        for part, inputs in cls.INPUT_TYPES().items():
-            if part == "hidden":
-                continue
-            specs = {}
-            for input_name, spec in inputs.items():
-                opts = spec[1] if len(spec) > 1 else {}
-                kept = {k: opts[k] for k in ("min", "max", "forceInput") if k in opts}
-                specs[input_name] = ["STRING", {}] if input_name in FILE_CHOICES else [spec[0], kept]
-            parts[part] = specs
-        schema[name] = {"input": parts}
-    return schema
-
-
-def test_node_snapshot_matches_the_pack(comfy_env):
-    from sonic.fleet.batches import SCHEMA_SNAPSHOT
-
-    current = snapshot_of(comfy_env["mappings"])
-    if os.environ.get("SONIC_WRITE_SCHEMA") == "1":
-        SCHEMA_SNAPSHOT.write_text(json.dumps(current, indent=1) + "\n")
-    assert json.loads(SCHEMA_SNAPSHOT.read_text()) == current, \
-        "the nodes changed: SONIC_WRITE_SCHEMA=1 python -m pytest tests/fleet/test_fleet.py -k snapshot"
 
 
 # -- against real servers ---------------------------------------------------------------------------------------
@@ -79,7 +50,9 @@ class Fleet:
         try:
             self.redis = Redis(top / "redis").start()
             self.postgres = PostgreSQL(top / "pg").start()
-            self.comfy = [ComfyUI(top / name, tiny_dir, threads=1).start() for name in ("a", "b")]
+            # one worker's ComfyUI of each tested version
+            self.comfy = [ComfyUI(top / name, tiny_dir, threads=1, version=version).start()
+                          for name, version in (("a", OLDEST), ("b", NEWEST))]
             self.s3 = S3Server(top / "s3", ("studio",))
             for server in self.comfy:
                 server.wait()
@@ -243,7 +216,7 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def whole_fleet(tmp_path_factory, tiny_dir):
-    comfyui_dir()
+    comfyui_dir(), comfyui_dir(NEWEST)  # skip (or fail in CI) before starting anything
     fleet = Fleet(tmp_path_factory.mktemp("fleet"), tiny_dir)  # stops what it started when a start fails
     try:
         fleet.start_worker(0)

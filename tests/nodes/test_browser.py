@@ -13,20 +13,20 @@ import time
 
 import pytest
 from helpers import workflow_templates
-from servers import PACK, ComfyUI, need
+from servers import COMFYUI_VERSIONS, PACK, ComfyUI, need
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
 
 
-@pytest.fixture(scope="module")
-def browser_page(tmp_path_factory, tiny_dir):
+@pytest.fixture(scope="module", params=list(COMFYUI_VERSIONS))
+def browser_page(request, tmp_path_factory, tiny_dir):
     executable = need("chromium", shutil.which("chromium") or shutil.which("chromium-browser"),
                       "apt-get install chromium (tests/run.sh does)", "SONIC_REQUIRE_COMFYUI")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         need("playwright", None, "pip install playwright (the test extra)", "SONIC_REQUIRE_COMFYUI")
-    server = ComfyUI(tmp_path_factory.mktemp("browser"), tiny_dir).start()
+    server = ComfyUI(tmp_path_factory.mktemp("browser"), tiny_dir, version=request.param).start()
     try:
         server.wait()
         with sync_playwright() as playwright:

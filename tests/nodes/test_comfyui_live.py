@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import ui_template_path
-from servers import PACK, ROOT, ComfyUI
+from servers import COMFYUI_VERSIONS, PACK, ROOT, ComfyUI
 
 FAST = {"SonicPreData": {"min_resolution": 128, "duration": 1.0}, "SonicSampler": {"steps": 1}}
 
@@ -81,9 +81,10 @@ class Client:
         return outcome, history.get(prompt_id, {})
 
 
-@pytest.fixture(scope="module")
-def comfyui(tmp_path_factory, tiny_dir):
-    server = ComfyUI(tmp_path_factory.mktemp("comfyui"), tiny_dir).start()
+@pytest.fixture(scope="module", params=list(COMFYUI_VERSIONS))
+def comfyui(request, tmp_path_factory, tiny_dir):
+    """ComfyUI with the pack, once per tested version (the module's tests run on each)."""
+    server = ComfyUI(tmp_path_factory.mktemp("comfyui"), tiny_dir, version=request.param).start()
     try:
         server.wait()
         yield Client(server.url), server.base

@@ -13,7 +13,7 @@ import time
 import urllib.request
 
 import pytest
-from servers import ComfyUI, S3Server, comfyui_dir
+from servers import NEWEST, ComfyUI, S3Server, comfyui_dir
 from test_service import Receiver, Service
 
 FAST = {"steps": 2, "min_resolution": 128, "duration": 1.0}
@@ -25,11 +25,11 @@ LEASE_S = 6
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, tiny_dir):
     pytest.importorskip("fastapi")
-    comfyui_dir()
+    comfyui_dir(NEWEST)
     top = tmp_path_factory.mktemp("live")
     comfy = s3 = service = None
     try:
-        comfy = ComfyUI(top / "comfyui", tiny_dir, threads=2).start()
+        comfy = ComfyUI(top / "comfyui", tiny_dir, threads=2, version=NEWEST).start()  # the page test: 0.8.0
         s3 = S3Server(top / "s3", ("studio",))
         comfy.wait()
         env = {**s3.env, "SONIC_PRESETS": PRESETS, "SONIC_LEASE_SECONDS": str(LEASE_S),
