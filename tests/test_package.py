@@ -265,3 +265,75 @@ def test_requirements_txt_is_what_the_nodes_need_and_never_torch():
                if module not in sys.stdlib_module_names and module not in COMFYUI_PROVIDES and module not in provided
                and module != "__future__"}
     assert missing == {}
+
+
+def _clean_clone(dest: Path) -> Path:
+    """A clone of this checkout's HEAD (the committed pack, as a user or the registry gets it)."""
+    subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(dest)], check=True)
+    return dest
+
+
+def _comfy_cli(args: list[str], cwd: Path, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+           "XDG_CACHE_HOME": str(home / ".cache"), "DO_NOT_TRACK": "1", "COMFY_NO_TELEMETRY": "1", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "comfy_cli", "--skip-prompt", "--no-json", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def comfy_cli_clone(tmp_path_factory) -> Path:
+    import importlib.util
+
+    if importlib.util.find_spec("comfy_cli") is None:
+        pytest.skip("comfy-cli not installed (pip install comfy-cli, in the test extra): no `comfy node` checks")
+    if shutil.which("git") is None:
+        pytest.skip("git not installed: the registry archive is made from git-tracked files")
+    return _clean_clone(tmp_path_factory.mktemp("registry") / "sonic-portrait")
+
+
+def test_comfy_node_validate_passes(comfy_cli_clone, tmp_path):
+    """`comfy node validate` (the checks `comfy node publish` runs, offline): pyproject parses with no warning, and
+    ruff's eval/exec/one-line-statements rules find nothing."""
+    result = _comfy_cli(["node", "validate"], comfy_cli_clone, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "All validation checks passed" in output
+    assert "Warning" not in output and "Security warnings" not in output, output
+
+
+def test_comfy_cli_reads_the_registry_fields(comfy_cli_clone, tmp_path):
+    code = ("import json; from comfy_cli.registry.config_parser import extract_node_configuration as extract\n"
+            "c = extract('pyproject.toml'); p, t = c.project, c.tool_comfy\n"
+            "print(json.dumps({'project': {'name': p.name, 'version': p.version, 'license': vars(p.license),"
+            " 'supported_comfyui_version': p.supported_comfyui_version, 'urls': vars(p.urls)},"
+            " 'tool_comfy': {'publisher_id': t.publisher_id, 'display_name': t.display_name, 'icon': t.icon,"
+            " 'includes': list(t.includes)}}, default=str))")
+    env = {**os.environ, "HOME": str(tmp_path), "DO_NOT_TRACK": "1", "COMFY_NO_TELEMETRY": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=comfy_cli_clone, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    import json
+
+    config = json.loads(out.strip().splitlines()[-1])
+    project, comfy = config["project"], config["tool_comfy"]
+    assert (project["name"], project["version"], project["license"]) == ("sonic-portrait", "0.1.0",
+                                                                        {"file": "", "text": "MIT"})
+    assert project["supported_comfyui_version"] == ">=0.8.0"
+    assert project["urls"]["repository"] == pyproject()["project"]["urls"]["Repository"]
+    assert comfy["publisher_id"] == "sonic-portrait" and comfy["display_name"] == "Sonic Portrait"
+    assert comfy["icon"].endswith("/icon.svg") and comfy["includes"] == []
+
+
+def test_comfy_node_pack_archive_holds_the_pack(comfy_cli_clone, tmp_path):
+    """`comfy node pack` builds the archive `comfy node publish` uploads: every file the pack uses at run time is in
+    it, and what .comfyignore leaves out is not."""
+    result = _comfy_cli(["node", "pack"], comfy_cli_clone, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with zipfile.ZipFile(comfy_cli_clone / "node.zip") as archive:
+        names = set(archive.namelist())
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=comfy_cli_clone, capture_output=True, text=True,
+                             check=True).stdout.strip("\0").split("\0")
+    needed = {name for name in tracked if name.startswith(("nodes/", "sonic/", "web/", "workflows/"))}
+    needed |= {"__init__.py", "requirements.txt", "pyproject.toml", "LICENSE", "README.md", "icon.svg"}
+    assert needed - names == set()
+    assert {name for name in names if name.startswith(("tests/", "benchmarks/", ".ci/"))} == set()
+    assert ".git/HEAD" not in names
