@@ -25,7 +25,8 @@ def load_pack(root: Path):
     return module
 
 
-def _inputs(cls) -> dict[str, tuple]:
+def node_inputs(cls) -> dict[str, tuple]:
+    """A V1 node's required and optional inputs, in declaration order (the frontend's order)."""
     types = cls.INPUT_TYPES()
     return {**types.get("required", {}), **types.get("optional", {})}
 
@@ -40,7 +41,7 @@ def widget_slots(cls) -> list[str | None]:
     frontend 1.35.9: a seed's control_after_generate follows it; upload widgets come after all other widgets
     (image: the button, value "image"; audio: the player, null, and the button, "")."""
     slots, extras = [], []
-    for name, spec in _inputs(cls).items():
+    for name, spec in node_inputs(cls).items():
         if not is_widget(spec):
             continue
         opts = spec[1] if len(spec) > 1 else {}
@@ -52,6 +53,29 @@ def widget_slots(cls) -> list[str | None]:
         if opts.get("audio_upload"):
             extras += [None, None]
     return slots + extras
+
+
+def widget_defaults(cls) -> list:
+    """The values a freshly added node serialises, in widget_slots order: each widget's default (a combo without
+    one: its first choice; text: ""), "randomize" after a control_after_generate widget, the upload widgets'
+    values ("image"; null and "" for audio)."""
+    values, extras = [], []
+    for name, spec in node_inputs(cls).items():
+        if not is_widget(spec):
+            continue
+        kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+        if "default" in opts:
+            values.append(opts["default"])
+        else:
+            values.append(kind[0] if isinstance(kind, list) and kind else
+                          {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind))
+        if opts.get("control_after_generate"):
+            values.append("randomize")
+        if opts.get("image_upload"):
+            extras.append("image")
+        if opts.get("audio_upload"):
+            extras += [None, ""]
+    return values + extras
 
 
 def ui_to_api(workflow: dict, mappings: dict) -> dict:
@@ -98,7 +122,7 @@ def validate_prompt(prompt: dict, mappings: dict) -> None:
                 problems.append(f"required input {name} missing")
         constants = {}
         for name, value in given.items():
-            spec = _inputs(cls).get(name)
+            spec = node_inputs(cls).get(name)
             if spec is None:
                 continue
             kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})

@@ -1,11 +1,18 @@
-"""Writes the workflow templates: UI format (workflows/*.json, shown in ComfyUI's template browser) and their
-API-format twins (workflows/api/*.json, for the queue API and tests). Run after changing a template:
+"""The one generator of what is derived from the node classes (nodes/*.py INPUT_TYPES / RETURN_TYPES, the only
+place a node's inputs and outputs are written down). Run after changing a node's inputs or outputs or a template:
 
     python workflows/_build.py
 
+It loads the pack as ComfyUI does, with the ComfyUI stand-in of tests/comfy_stub, and writes
+- the workflow templates: UI format (workflows/*.json, shown in ComfyUI's template browser, with a .jpg picture)
+  and their API-format twins (workflows/api/*.json, for the queue API and tests);
+- sonic/jobs/sonic_nodes.json: the nodes' schema that batch, fleet and service check jobs against without ComfyUI.
+
 Each template is data: nodes with their widget values in the frontend's order (a seed's control_after_generate
-mode follows it; upload widgets come last: an image upload adds "image", an audio upload null and "") and links. tests/nodes/test_workflows.py checks
-both files against the nodes' real definitions and executes every API twin.
+mode follows it; upload widgets come last: an image upload adds "image", an audio upload null and "") and links;
+the sockets, outputs and widget order come from the classes (node_table). tests/nodes/test_workflows.py fails
+when a committed file differs from what this writes, checks the templates against ComfyUI's validation and
+executes every API twin.
 """
 
 from __future__ import annotations
@@ -15,29 +22,60 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# type: (input sockets [(name, type)], outputs [(name, type)], widget names in order (None = UI-only value))
-NODES = {
-    "SonicLoadImage": ([], [("image", "IMAGE"), ("mask", "MASK")], ["image", "path_or_url", None]),
-    "SonicLoadAudio": ([], [("audio", "AUDIO")], ["audio", "trim_silence", "silence_db", "path_or_url", None, None]),
-    "SonicModelLoader": ([("vae", "VAE"), ("clip_vision", "CLIP_VISION")], [("sonic_model", "SONIC_MODEL")],
-                         ["sonic_unet", "dtype", "interpolation", "face_detector", "download_missing"]),
-    "SonicPreData": ([("sonic_model", "SONIC_MODEL"), ("image", "IMAGE"), ("audio", "AUDIO")],
-                     [("predata", "SONIC_PREDATA")],
-                     ["min_resolution", "duration", "crop", "expand_ratio", "face_box"]),
-    "SonicSampler": ([("sonic_model", "SONIC_MODEL"), ("predata", "SONIC_PREDATA")],
-                     [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT"), ("frames", "SONIC_FRAMES")],
-                     ["seed", None, "steps", "dynamic_scale", "motion_scale", "audio_guidance", "appearance_guidance",
-                      "ip_audio_scale", "output", "compile"]),
-    "SonicLipSyncCalibrate": ([("fps", "FLOAT"), ("images", "IMAGE"), ("frames", "SONIC_FRAMES"), ("audio", "AUDIO"),
-                               ("predata", "SONIC_PREDATA")],
-                              [("images", "IMAGE"), ("frames", "SONIC_FRAMES"), ("audio", "AUDIO"), ("offset", "FLOAT"),
-                               ("confidence", "FLOAT")],
-                              ["mode", "lip_sync_offset", "search_range", "tolerance", "min_confidence", "face_box"]),
-    "SonicSmoothMotion": ([("images", "IMAGE"), ("frames", "SONIC_FRAMES"), ("predata", "SONIC_PREDATA")],
-                          [("images", "IMAGE"), ("frames", "SONIC_FRAMES")], ["alpha", "region", "face_box"]),
-    "SonicVideoEncode": ([("fps", "FLOAT"), ("images", "IMAGE"), ("frames", "SONIC_FRAMES"), ("audio", "AUDIO")],
-                         [("path", "STRING")], ["filename_prefix", "crf", "preset", "audio_policy", "watermark"]),
-}
+ROOT = HERE.parent
+SNAPSHOT = ROOT / "sonic" / "jobs" / "sonic_nodes.json"  # the nodes' schema for batch/fleet checks without ComfyUI
+# combos whose choices are files of one install: the snapshot types them STRING (the workers' ComfyUI checks them)
+FILE_CHOICES = {"image", "audio", "sonic_unet"}
+
+
+def _harness():
+    """tests/comfy_harness.py: ComfyUI's loading of the pack and the frontend's widget order."""
+    import sys
+
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import comfy_harness
+
+    return comfy_harness
+
+
+def node_table(mappings: dict) -> dict:
+    """type -> (input sockets [(name, type)], outputs [(name, type)], widget names in the frontend's order (None =
+    a UI-only value), the values a fresh node has for them, the names a template sets them by), read off the
+    node classes."""
+    harness = _harness()
+    table = {}
+    for name, cls in mappings.items():
+        inputs = harness.node_inputs(cls)
+        sockets = [(n, spec[0]) for n, spec in inputs.items() if not harness.is_widget(spec)]
+        outputs = list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES))
+        widgets = harness.widget_slots(cls)
+        # what a template may set: a widget by name, the value after a seed by "control_after_generate"
+        keys = [slot if slot is not None else "control_after_generate"
+                if i and widgets[i - 1] and inputs[widgets[i - 1]][1].get("control_after_generate") else None
+                for i, slot in enumerate(widgets)]
+        table[name] = (sockets, outputs, widgets, harness.widget_defaults(cls), keys)
+    return table
+
+
+def node_snapshot(mappings: dict) -> dict:
+    """/object_info of the pack's nodes as batch/fleet check jobs without a ComfyUI: input types and limits."""
+    schema = {}
+    for name, cls in sorted(mappings.items()):
+        parts = {}
+        for part, inputs in cls.INPUT_TYPES().items():
+            if part == "hidden":
+                continue
+            specs = {}
+            for input_name, spec in inputs.items():
+                opts = spec[1] if len(spec) > 1 else {}
+                kept = {k: opts[k] for k in ("min", "max", "forceInput") if k in opts}
+                file_choice = input_name in FILE_CHOICES and isinstance(spec[0], list)
+                specs[input_name] = ["STRING", {}] if file_choice else [spec[0], kept]
+            parts[part] = specs
+        schema[name] = {"input": parts}
+    return schema
 
 
 # the pack's example inputs (example_inputs/), copied into ComfyUI's input folder when the pack loads, so that a
@@ -50,19 +88,24 @@ SIZES = {"SonicLoadImage": (340, 420), "SonicLoadAudio": (340, 250), "SonicModel
          "SonicSmoothMotion": (340, 200), "SonicVideoEncode": (340, 340)}
 
 
-def template(title, note, *, min_resolution=512, steps=25, output="auto", crf=18, prefix="Sonic/sonic",
+def template(title, note, *, min_resolution=None, steps=None, output=None, crf=None, prefix="Sonic/sonic",
              seed_mode="randomize", use_frames=False):
     """The default graph: loaders -> model -> PreData -> sampler -> lip-sync -> smoothing -> encoder (+ a note).
-    Frames travel as IMAGE batches, or as the sampler's frames file when `use_frames`."""
+    Frames travel as IMAGE batches, or as the sampler's frames file when `use_frames`. Each node has its widgets'
+    defaults (the classes') except the values given here (None: the default); a seed's control mode is the
+    value after it ("control_after_generate")."""
+    def set_(**values):
+        return {k: v for k, v in values.items() if v is not None}
+
     nodes = [
-        (1, "SonicLoadImage", (40, 40), [EXAMPLE_IMAGE, "", "image"]),
-        (2, "SonicLoadAudio", (40, 500), [EXAMPLE_AUDIO, False, 40.0, "", None, ""]),
-        (3, "SonicModelLoader", (420, 40), ["Sonic/unet.pth", "auto", True, "auto", False]),
-        (4, "SonicPreData", (420, 300), [min_resolution, 0.0, False, 0.5, ""]),
-        (5, "SonicSampler", (800, 40), [72589, seed_mode, steps, 1.0, 1.0, 7.5, 2.0, 1.0, output, False]),
-        (7, "SonicLipSyncCalibrate", (1180, 40), ["auto+manual", 0.0, 0.4, 0.01, 0.4, ""]),
-        (8, "SonicSmoothMotion", (1180, 420), [0.3, "face without mouth", ""]),
-        (6, "SonicVideoEncode", (1560, 40), [prefix, crf, "medium", "match", ""]),
+        (1, "SonicLoadImage", (40, 40), {"image": EXAMPLE_IMAGE}),
+        (2, "SonicLoadAudio", (40, 500), {"audio": EXAMPLE_AUDIO}),
+        (3, "SonicModelLoader", (420, 40), {"sonic_unet": "Sonic/unet.pth"}),
+        (4, "SonicPreData", (420, 300), set_(min_resolution=min_resolution)),
+        (5, "SonicSampler", (800, 40), set_(control_after_generate=seed_mode, steps=steps, output=output)),
+        (7, "SonicLipSyncCalibrate", (1180, 40), {}),
+        (8, "SonicSmoothMotion", (1180, 420), {}),
+        (6, "SonicVideoEncode", (1560, 40), set_(filename_prefix=prefix, crf=crf)),
     ]
     video = 3 if use_frames else 0  # output slot of the sampler (frames / images)
     carried = 1 if use_frames else 0  # output slot of calibration and smoothing
@@ -117,17 +160,21 @@ TEMPLATES = {
 }
 
 
-def build(spec: dict) -> tuple[dict, dict]:
+def build(spec: dict, table: dict) -> tuple[dict, dict]:
+    """A template -> (UI workflow, API prompt), with the sockets, outputs and widget order of `table`
+    (node_table)."""
     by_id = {nid: (ntype, pos, values) for nid, ntype, pos, values in spec["nodes"]}
     ui_nodes, ui_links, api = [], [], {}
     link_ids = {}
     for number, (src, slot, dst, name) in enumerate(spec["links"], start=1):
         link_ids[(dst, name)] = number
-        ui_links.append([number, src, slot, dst, [n for n, _ in NODES[by_id[dst][0]][0]].index(name),
-                         NODES[by_id[src][0]][1][slot][1]])
-    for order, (nid, ntype, pos, values) in enumerate(spec["nodes"]):
-        sockets, outputs, widgets = NODES[ntype]
-        assert len(values) == len(widgets), (ntype, values)
+        ui_links.append([number, src, slot, dst, [n for n, _ in table[by_id[dst][0]][0]].index(name),
+                         table[by_id[src][0]][1][slot][1]])
+    for order, (nid, ntype, pos, overrides) in enumerate(spec["nodes"]):
+        sockets, outputs, widgets, defaults, keys = table[ntype]
+        values = [overrides.get(key, default) if key else default for key, default in zip(keys, defaults)]
+        unknown = set(overrides) - set(keys)
+        assert not unknown, f"{spec['title']}: {ntype} has no widget {sorted(unknown)}"
         inputs = {name: value for name, value in zip(widgets, values) if name is not None}
         for (dst, name), number in link_ids.items():
             if dst == nid:
@@ -179,16 +226,44 @@ def thumbnail(spec: dict):
     return card
 
 
+def generate(mappings: dict) -> dict[Path, str]:
+    """Every file derived from the node classes `mappings` (NODE_CLASS_MAPPINGS): path -> its text."""
+    table = node_table(mappings)
+    files = {}
+    for name, spec in TEMPLATES.items():
+        ui, api = build(spec, table)
+        files[HERE / f"{spec['title']}.json"] = json.dumps(ui, indent=1) + "\n"
+        files[HERE / "api" / f"{name}.json"] = json.dumps(api, indent=1) + "\n"
+    files[SNAPSHOT] = json.dumps(node_snapshot(mappings), indent=1) + "\n"
+    return files
+
+
+def load_mappings(base: Path) -> dict:
+    """The pack's NODE_CLASS_MAPPINGS, loaded as ComfyUI loads it, with the ComfyUI stand-in of tests/comfy_stub
+    rooted at the empty folder `base` (nothing of a real ComfyUI install leaks into the files)."""
+    import os
+    import sys
+
+    for sub in ("input", "output", "temp", "models"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    os.environ["SONIC_TEST_COMFY_BASE"] = str(base)
+    sys.path.insert(0, str(ROOT / "tests" / "comfy_stub"))
+    return _harness().load_pack(ROOT).NODE_CLASS_MAPPINGS
+
+
 def main() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sonic-build-") as base:
+        files = generate(load_mappings(Path(base)))
     (HERE / "api").mkdir(exist_ok=True)
     for old in HERE.glob("*.json"):  # UI files are named by title: remove those of renamed templates
         old.unlink()
-    for name, spec in TEMPLATES.items():
-        ui, api = build(spec)
-        (HERE / f"{spec['title']}.json").write_text(json.dumps(ui, indent=1) + "\n")
+    for path, text in files.items():
+        path.write_text(text)
+        print("wrote", path.relative_to(ROOT))
+    for spec in TEMPLATES.values():
         thumbnail(spec).save(HERE / f"{spec['title']}.jpg", quality=88)
-        (HERE / "api" / f"{name}.json").write_text(json.dumps(api, indent=1) + "\n")
-        print(name, "->", spec["title"])
 
 
 if __name__ == "__main__":

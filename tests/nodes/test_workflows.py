@@ -18,6 +18,16 @@ UI_FILE = {name: ui_template_path(name) for name in workflow_templates()}
 FAST = {"SonicPreData": {"min_resolution": 128, "duration": 1.0}, "SonicSampler": {"steps": 1}}
 
 
+def load_build():
+    """workflows/_build.py, the generator of every file derived from the node classes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("workflows_build", WORKFLOWS / "_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(autouse=True)
 def _fresh_stub_records():
     """The ComfyUI stand-in records model loads, memory requests and progress: none carried over between tests."""
@@ -39,6 +49,36 @@ def test_templates_and_api_twins_are_paired_and_pictured():
             assert picture.format == "JPEG" and picture.size == (512, 384)
         ui = json.loads(path.read_text())
         assert ui["extra"]["title"] == path.stem
+
+
+def test_generated_files_match_the_node_classes(comfy_env):
+    """The templates and sonic/jobs/sonic_nodes.json are derived from the nodes' INPUT_TYPES / RETURN_TYPES: what
+    the generator writes now is what is committed."""
+    build = load_build()
+    files = build.generate(comfy_env["mappings"])
+    root = WORKFLOWS.parent
+    assert build.SNAPSHOT in files and len(files) == 2 * len(NAMES) + 1
+    stale = [str(path.relative_to(root)) for path, text in files.items()
+             if not path.is_file() or path.read_text() != text]
+    assert not stale, (f"generated from the node classes but out of date: {stale}. Run `python workflows/_build.py` "
+                       "and commit the files it writes.")
+
+
+def test_node_table_is_read_off_the_classes(comfy_env):
+    """Sockets, outputs, the frontend's widget order and a fresh node's values come from INPUT_TYPES / RETURN_TYPES
+    (spot checks of what the frontend 1.35.9 serialises: seed's control mode follows it, upload widgets come
+    last)."""
+    table = load_build().node_table(comfy_env["mappings"])
+    assert set(table) == set(comfy_env["mappings"])
+    sockets, outputs, widgets, defaults, keys = table["SonicSampler"]
+    assert sockets == [("sonic_model", "SONIC_MODEL"), ("predata", "SONIC_PREDATA")]
+    assert outputs == [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT"), ("frames", "SONIC_FRAMES")]
+    assert widgets[:3] == ["seed", None, "steps"] and keys[:3] == ["seed", "control_after_generate", "steps"]
+    assert defaults[:3] == [72589, "randomize", 25]
+    _, _, widgets, defaults, keys = table["SonicLoadAudio"]
+    assert widgets == ["audio", "trim_silence", "silence_db", "path_or_url", None, None] and keys[-2:] == [None, None]
+    assert defaults[1:] == [False, 40.0, "", None, ""]
+    assert table["SonicVideoEncode"][0][0] == ("fps", "FLOAT")  # forceInput: a socket, not a widget
 
 
 def test_templates_preselect_the_example_inputs_that_the_pack_copies(comfy_env):
