@@ -1,8 +1,9 @@
 """SonicVideoEncode: frames (IMAGE batch or the sampler's frames file) + AUDIO -> an H.264/AAC MP4 in ComfyUI's
-output folder, shown in the node as a playable video."""
+output folder, shown in the node as a playable video, and given on as its path and as ComfyUI's core VIDEO."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -47,12 +48,36 @@ def generation_metadata(prompt, extra_pnginfo) -> dict[str, str]:
     return meta
 
 
+NO_CORE_VIDEO = ("Sonic Video Encode: this ComfyUI has no core VIDEO type (comfy_api's VideoFromFile, which ComfyUI "
+                 "0.8.0 and 0.18.2 have), so the video output is empty (None). The MP4 is written as usual: use the "
+                 "path output, or update ComfyUI to feed its Save Video / Preview Video")
+
+
+def core_video(path: str):
+    """ComfyUI's core VIDEO value of the MP4 at `path` (what its own Load Video gives: comfy_api's VideoFromFile),
+    or None, with a warning, where this ComfyUI has none. (ComfyUI's modules are imported here only when the node
+    runs, so the pack loads anywhere.)"""
+    try:
+        from comfy_api.latest import InputImpl
+
+        video_from_file = InputImpl.VideoFromFile
+    except (ImportError, AttributeError):
+        try:
+            from comfy_api.input_impl import VideoFromFile as video_from_file
+        except ImportError:
+            logging.getLogger("sonic").warning(NO_CORE_VIDEO)
+            return None
+    return video_from_file(path)
+
+
 class SonicVideoEncode:
     DESCRIPTION = "Write an MP4 (H.264 + AAC, plays in the browser) to ComfyUI's output folder."
     CATEGORY = "Sonic"
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
-    OUTPUT_TOOLTIPS = ("Absolute path of the written MP4.",)
+    RETURN_TYPES = ("STRING", "VIDEO")  # new outputs are appended: saved workflows link outputs by slot number
+    RETURN_NAMES = ("path", "video")
+    OUTPUT_TOOLTIPS = ("Absolute path of the written MP4.",
+                       "The written MP4 as ComfyUI's VIDEO, for its Save Video, Preview Video and other VIDEO inputs "
+                       "(empty on a ComfyUI without the VIDEO type).")
     OUTPUT_NODE = True
     FUNCTION = "encode"
 
@@ -98,4 +123,4 @@ class SonicVideoEncode:
                          audio=audio_to_numpy(audio), crf=crf, preset=preset, audio_policy=audio_policy,
                          metadata=generation_metadata(prompt, extra_pnginfo), watermark=watermark.strip() or None)
         ui = {"images": [{"filename": filename, "subfolder": subfolder, "type": "output"}], "animated": [True]}
-        return {"ui": ui, "result": (str(path),)}
+        return {"ui": ui, "result": (str(path), core_video(str(path)))}

@@ -193,3 +193,42 @@ def test_sampler_outputs_feed_core_create_and_save_video(comfyui, tiny_dir):
         assert sum(1 for _ in container.decode(video=0)) == 23
         assert container.streams.video[0].average_rate == 25
         assert len(container.streams.audio) == 1
+
+
+def _decoded(path: Path):
+    """(video frames as RGB arrays, audio samples, audio rate) of an MP4."""
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        container.seek(0)
+        stream = container.streams.audio[0]
+        audio = np.concatenate([frame.to_ndarray().reshape(-1) for frame in container.decode(audio=0)])
+        return frames, audio, stream.rate
+
+
+def test_video_encode_video_output_feeds_core_save_video(comfyui, tiny_dir):
+    """Sonic Video Encode's `video` output (ComfyUI's core VIDEO: the MP4 it wrote) -> ComfyUI's own SaveVideo:
+    the saved file plays with the same frames and sound as the encoder's MP4 (SaveVideo copies the streams)."""
+    import numpy as np
+
+    client, base = comfyui
+    info = json.loads(client.get("/object_info/SonicVideoEncode"))["SonicVideoEncode"]
+    assert info["output"] == ["STRING", "VIDEO"] and info["output_name"] == ["path", "video"]
+    prompt = _quick_prompt(client, tiny_dir, 5151)
+    prompt["9"] = {"class_type": "SaveVideo", "inputs": {"video": ["6", 1], "filename_prefix": "core/encoded",
+                                                         "format": "mp4", "codec": "h264"}}
+    outcome, history = client.run(prompt)
+    assert outcome == "success", json.dumps(history.get("status"), indent=1)[-3000:]
+    files = {}
+    for node, name in (("6", "encoded.mp4"), ("9", "saved.mp4")):
+        entry = history["outputs"][node]["images"][0]
+        files[node] = base / name
+        files[node].write_bytes(client.get(f"/view?filename={entry['filename']}&subfolder={entry['subfolder']}"
+                                           f"&type={entry['type']}"))
+    assert history["outputs"]["9"]["images"][0]["subfolder"] == "core"
+    ours, saved = _decoded(files["6"]), _decoded(files["9"])
+    assert len(saved[0]) == len(ours[0]) == 23
+    assert all(np.array_equal(a, b) for a, b in zip(ours[0], saved[0]))
+    assert saved[2] == ours[2] and np.array_equal(saved[1], ours[1]) and np.abs(saved[1]).max() > 0

@@ -577,6 +577,22 @@ def test_video_encode_metadata_and_bad_frames(comfy_env):
     assert sorted(p.name for p in (comfy_env["base"] / "output" / "meta").iterdir()) == ["clip_00001_.mp4"]
 
 
+def test_video_encode_outputs_path_then_core_video_empty_without_comfy_api(comfy_env, caplog):
+    """Outputs keep their slots (path stays 0; VIDEO appended as 1). The stand-in has no comfy_api, like a ComfyUI
+    without the core VIDEO type: the MP4 is still written, the video output is None and the log says why (the
+    real VIDEO in ComfyUI 0.8.0 and 0.18.2: tests/nodes/test_comfyui_live.py)."""
+    import logging
+
+    cls = comfy_env["mappings"]["SonicVideoEncode"]
+    assert cls.RETURN_TYPES == ("STRING", "VIDEO") and cls.RETURN_NAMES == ("path", "video")
+    with caplog.at_level(logging.WARNING, logger="sonic"):
+        out = _node(comfy_env, "SonicVideoEncode").encode(25.0, filename_prefix="novideo/clip",
+                                                           images=torch.rand(3, 32, 32, 3))
+    path, video = out["result"]
+    assert video is None and path.endswith("clip_00001_.mp4")
+    assert any("no core VIDEO type" in r.getMessage() and "path output" in r.getMessage() for r in caplog.records)
+
+
 def test_video_metadata_redacts_signed_url_queries(comfy_env):
     """A signed link typed into a loader (S3 presigned, a token in the query) does not travel inside the MP4;
     everything else of the prompt and workflow stays, so dropping the MP4 on ComfyUI still restores the graph."""
