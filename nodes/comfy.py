@@ -5,6 +5,7 @@ Everything ComfyUI-specific the nodes need: folders, progress bars, cancel, devi
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -105,20 +106,57 @@ def watched(chunks, bar=None):
             bar.update(chunk.shape[0])
 
 
+@functools.lru_cache(maxsize=None)
+def _whole_module_patcher(base: type) -> type:
+    """`base` (ComfyUI's ModelPatcher) for plain torch modules, which run only with all their weights on one device.
+
+    ComfyUI's partial loads and unloads work per layer through its own ops (`comfy.ops`, layers with
+    `comfy_cast_weights`) that copy an offloaded weight to the GPU as the layer runs; our diffusers, transformers
+    and RIFE layers have no such casting. Left to ComfyUI, a patcher of such a module (0.8.0 and 0.18.2 alike)
+    - under --novram loads nothing (`load_models_gpu` asks for a 0.1-byte partial load whatever
+      force_full_load says) and the stage runs on CPU weights with GPU inputs;
+    - when another model needs room, `free_memory` unloads it partially (`LoadedModel.model_unload` ->
+      `partially_unload` moves whole layers to the offload device) and keeps it listed as loaded: the next module
+      of ours that runs before a new request has its layers split between two devices.
+    So this patcher loads whole (a partial load request becomes a full one) and frees nothing partially (ComfyUI
+    then unloads the whole model: `model_unload` falls back to `detach`)."""
+
+    class WholeModulePatcher(base):
+        def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+            return super().partially_load(device_to, 1e32, force_patch_weights=force_patch_weights)
+
+        def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+            return 0
+
+    WholeModulePatcher.__qualname__ = WholeModulePatcher.__name__ = "SonicWholeModulePatcher"
+    return WholeModulePatcher
+
+
 def model_patcher(module, load_device, offload_device):
     """A ModelPatcher for one of our modules. It is wrapped in a plain container because the patcher assigns
-    `model.device`, which diffusers and transformers models expose as a read-only property."""
+    `model.device`, which diffusers and transformers models expose as a read-only property.
+
+    Deliberately ComfyUI's classic `ModelPatcher`, never `comfy.model_patcher.CoreModelPatcher`, which ComfyUI
+    0.18+ turns into `ModelPatcherDynamic` under dynamic VRAM (NVIDIA with comfy-aimdo; main.py rebinds only that
+    name, so `ModelPatcher` stays the classic class there). The dynamic patcher streams weights through comfy.ops
+    layers as they run; a plain module it only force-loads, weight by weight as new Parameter objects, and the
+    parameters of a module that also has children it moves without a backup, so they never return to the offload
+    device. Classic and dynamic patchers load side by side: `load_models_gpu` evicts dynamic models like any other
+    when a request holds a classic one."""
     import comfy.model_patcher
     import torch
 
     holder = torch.nn.Module()
     holder.inner = module
-    return comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
+    patcher_class = _whole_module_patcher(comfy.model_patcher.ModelPatcher)
+    return patcher_class(holder, load_device=load_device, offload_device=offload_device)
 
 
 def load_to_gpu(patchers: list, memory_required: int = 0) -> None:
-    """Load our modules onto the compute device, evicting other models as needed (one call per stage)."""
-    patchers = [p for p in patchers if p is not None]
+    """Load our modules onto the compute device, evicting other models as needed. One call names every module a
+    stage runs (ComfyUI evicts the smallest models first when short of memory, so a module loaded by an earlier
+    call may be gone by the time it runs)."""
+    patchers = list(dict.fromkeys(p for p in patchers if p is not None))  # once each, in order
     if patchers:
         model_management().load_models_gpu(patchers, memory_required=memory_required, force_full_load=True)
 

@@ -21,13 +21,30 @@ UNET_NAMES = ("unet.safetensors", "unet.pth")
 SVD_LATENT_SCALE = 0.18215  # SD1.x latent format, used by SVD; ComfyUI's VAE returns unscaled latents
 
 
+class _Stage:
+    """The patchers the running stage uses and its working memory.
+
+    ComfyUI evicts the smallest models first when memory is short, at every load: its own VAE and CLIP vision
+    calls load their model themselves and may push out Whisper, the audio MLPs or RIFE. So every request names the
+    whole stage, and after a ComfyUI call that loaded one model the stage is requested again (a no-op when nothing
+    was evicted)."""
+
+    def __init__(self):
+        self.patchers: list = []
+        self.memory_required = 0
+
+    def load(self, *more, memory_required: int = 0) -> None:
+        comfy.load_to_gpu([*self.patchers, *more], max(self.memory_required, memory_required))
+
+
 class ComfyVAE:
     """ComfyUI's `VAE` (temporal SVD decoder) with the engine's VAE interface."""
 
     scaling_factor = SVD_LATENT_SCALE
 
-    def __init__(self, vae):
+    def __init__(self, vae, stage: _Stage | None = None):
         self.vae = vae
+        self.stage = stage or _Stage()
 
     @property
     def dtype(self):
@@ -38,7 +55,9 @@ class ComfyVAE:
     def encode_mean(self, image):
         """[B, 3, H, W] in [-1, 1] -> unscaled latents (ComfyUI's VAE returns the distribution's mode = mean)."""
         pixels = ((image.float() + 1) / 2).clamp(0, 1).movedim(1, -1)
-        return self.vae.encode(pixels)
+        latents = self.vae.encode(pixels)  # ComfyUI loads the VAE alone for it
+        self.stage.load()
+        return latents
 
     def decode(self, latents):
         """One temporal chunk of unscaled latents -> [n, 3, H, W] float32 in [0, 1], decoded in one piece.
@@ -54,7 +73,8 @@ class ComfyVAE:
         vae = self.vae
         n, _, latent_h, latent_w = latents.shape
         scale = vae.upscale_ratio
-        comfy.load_to_gpu([vae.patcher], memory.vae_decode_bytes(n, latent_h * scale, latent_w * scale, vae.vae_dtype))
+        self.stage.load(vae.patcher, memory_required=memory.vae_decode_bytes(n, latent_h * scale, latent_w * scale,
+                                                                              vae.vae_dtype))  # with RIFE
         with torch.no_grad():
             frames = vae.first_stage_model.decode(latents.to(vae.device, vae.vae_dtype))
         return vae.process_output(frames.float())
@@ -66,11 +86,14 @@ class ComfyImageEncoder:
     The engine gives a 224x224 LANCZOS squash in [0, 1]; at that size ComfyUI's preprocessing does no resize and
     only quantises to 1/255 (a no-op for these pixels) before the CLIP mean/std, i.e. the official input."""
 
-    def __init__(self, clip_vision):
+    def __init__(self, clip_vision, stage: _Stage | None = None):
         self.clip_vision = clip_vision
+        self.stage = stage or _Stage()
 
     def embed(self, image):
-        return self.clip_vision.encode_image(image.float().movedim(1, -1))["image_embeds"]
+        embeds = self.clip_vision.encode_image(image.float().movedim(1, -1))["image_embeds"]  # loads CLIP alone
+        self.stage.load()
+        return embeds
 
 
 @dataclass
@@ -80,21 +103,32 @@ class ComfySonicModel:
     models: Any  # sonic.engine.loader.SonicModels, weights on the offload device until a stage loads them
     audio_patcher: Any
     unet_patcher: Any
-    image_patchers: list  # diffusers VAE / CLIP when they come from the folder; ComfyUI manages its own
+    image_patchers: list  # [VAE, CLIP] of the folder's diffusers copies; [] when ComfyUI supplies its own
     rife_patcher: Any
+    stage: _Stage = dataclasses.field(default_factory=_Stage)  # what the running stage uses
 
     def with_svd(self, vae, clip_vision) -> "ComfySonicModel":
         """The same Sonic networks with ComfyUI's VAE and CLIP_VISION (nothing heavy is copied)."""
-        models = dataclasses.replace(self.models, vae=ComfyVAE(vae), image_encoder=ComfyImageEncoder(clip_vision))
-        return dataclasses.replace(self, models=models)
+        stage = _Stage()
+        models = dataclasses.replace(self.models, vae=ComfyVAE(vae, stage),
+                                     image_encoder=ComfyImageEncoder(clip_vision, stage))
+        return dataclasses.replace(self, models=models, stage=stage)
 
-    def load(self, *stages: str, memory_required: int = 0) -> None:
-        """Bring the modules of the named stages ('audio', 'image', 'unet', 'rife') onto the compute device, with
-        `memory_required` bytes of working memory beyond the weights (sonic/engine/memory.py): ComfyUI evicts other
-        models, the UNet included when decoding on a short card, until that much is free."""
-        wanted = {"audio": [self.audio_patcher], "image": self.image_patchers, "unet": [self.unet_patcher],
-                  "rife": [self.rife_patcher]}
-        comfy.load_to_gpu([p for stage in stages for p in wanted[stage]], memory_required=memory_required)
+    def _patchers(self, module: str) -> list:
+        if module in ("vae", "clip") and not self.image_patchers:  # ComfyUI's VAE / CLIP_VISION and their patchers
+            return [self.models.vae.vae.patcher if module == "vae" else self.models.image_encoder.clip_vision.patcher]
+        return {"audio": [self.audio_patcher], "vae": self.image_patchers[:1], "clip": self.image_patchers[1:],
+                "unet": [self.unet_patcher], "rife": [self.rife_patcher]}[module]
+
+    def load(self, *modules: str, memory_required: int = 0) -> None:
+        """Bring everything a stage runs ('audio' = Whisper and the audio MLPs, 'clip', 'vae', 'unet', 'rife') onto
+        the compute device in one request, with `memory_required` bytes of working memory beyond the weights
+        (sonic/engine/memory.py): ComfyUI evicts other models, the UNet included when decoding on a short card,
+        until that much is free. Later loads within the stage (ComfyUI's VAE and CLIP vision calls) name the same
+        set again, so that ComfyUI, which evicts the smallest models first, never pushes out one the stage runs."""
+        self.stage.patchers = [p for module in modules for p in self._patchers(module) if p is not None]
+        self.stage.memory_required = memory_required
+        self.stage.load()
 
 
 DEFAULT_UNET = "Sonic/unet.pth"  # where `python -m sonic download` / download_missing put it

@@ -72,7 +72,8 @@ class SonicPreDataNode:
 
         located = _FACE_CACHE.get(FaceCache.key(pil, options.face_box, crop, expand_ratio, detector), analyse)
         comfy.check_interrupt()
-        sonic_model.load("audio", "image", memory_required=prepare_bytes(pil.size, options, models.vae.dtype))
+        # one request for everything prepare runs (the face detector stays on the offload device)
+        sonic_model.load("audio", "vae", "clip", memory_required=prepare_bytes(pil.size, options, models.vae.dtype))
         cond = prepare(models, pil, (speech, SAMPLE_RATE), options, located=located)
         seconds = len(cond.audio_samples) / SAMPLE_RATE
         return (SonicPreData(cond=cond, audio=trim_audio(audio, seconds)),)
@@ -159,7 +160,7 @@ class SonicSamplerNode:
         fps, count = plan.fps, plan.output_frames
         width, height = plan.width, plan.height
         store = FrameStore(height, width, count, fps, folder=comfy.folder_paths().get_temp_directory())
-        sonic_model.load("image", "rife", memory_required=plan.decode_bytes)
+        sonic_model.load("vae", *(("rife",) if plan.rife else ()), memory_required=plan.decode_bytes)
         decode_bar = comfy.progress_bar(count)
         for chunk in pipeline.decode(models, latents, options, cancel=comfy.check_interrupt):
             store.append(pipeline.to_uint8_frames(chunk))

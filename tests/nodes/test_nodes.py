@@ -155,7 +155,7 @@ LATENT = {128: (32, 16), 256: (56, 32)}  # min_resolution -> (latent_h, latent_w
 ROWS, LOW_VRAM_ROWS, WINDOW, CHUNK, RIFE_BATCH = 3, 1, 25, 8, 4
 STAGE_MODULES = [["ModuleDict", "AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection"],  # PreData
                  ["UNetSpatioTemporalConditionModel"],  # sampling
-                 ["AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection", "IFNet"]]  # decode + RIFE
+                 ["AutoencoderKLTemporalDecoder", "IFNet"]]  # decode + RIFE
 
 
 def test_each_stage_tells_comfyui_the_memory_it_needs(comfy_env):
@@ -202,6 +202,7 @@ class _VAEInDtype:
 
     def __init__(self, dtype):
         self.vae_dtype = dtype
+        self.patcher = None  # no weights: the stages stop before it would run
 
 
 class _StageReached(Exception):
@@ -234,7 +235,8 @@ def test_vae_stages_ask_for_memory_in_comfyuis_vae_dtype_not_the_unets(comfy_env
     monkeypatch.setattr(pipeline, "decode", stop)
     prepared, decoded = {}, {}
     for vae_dtype in (torch.float32, torch.float16):
-        sonic = loader.load("Sonic/unet.pth", dtype="fp32", vae=_VAEInDtype(vae_dtype), clip_vision=object())[0]
+        sonic = loader.load("Sonic/unet.pth", dtype="fp32", vae=_VAEInDtype(vae_dtype),
+                            clip_vision=_VAEInDtype(None))[0]
         sonic = dataclasses.replace(sonic, models=dataclasses.replace(sonic.models, dtype=torch.float16))  # its UNet
         mm.REQUESTS.clear()
         with pytest.raises(_StageReached):
@@ -243,7 +245,7 @@ def test_vae_stages_ask_for_memory_in_comfyuis_vae_dtype_not_the_unets(comfy_env
         with pytest.raises(_StageReached):
             _sample(comfy_env, sonic, predata)
         [(_, prepared[vae_dtype]), *_, (names, decoded[vae_dtype])] = mm.REQUESTS
-        assert names == ["IFNet"]  # ComfyUI's VAE is loaded by its own request, per chunk
+        assert names == ["IFNet"]  # with ComfyUI's VAE (no weights here: tests/nodes/test_model_management.py)
     width, height = video_size((144, 256), PrepareOptions(min_resolution=640))
     assert prepared[torch.float32] == memory.prepare_bytes(height, width, torch.float32)
     assert prepared[torch.float32] == pytest.approx(2 * prepared[torch.float16], abs=2)

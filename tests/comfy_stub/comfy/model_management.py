@@ -10,12 +10,19 @@ REQUESTS = []  # (module names, memory_required) of every load_models_gpu call, 
 FREE_MEMORY = None  # what get_free_memory reports (a test sets it to play a GPU of some size)
 TOTAL_MEMORY = None  # what get_total_memory reports
 FREED = []  # memory_required of every free_memory call
+# Memory pressure: None (room for everything), "smallest" or "all": at every load (and free_memory), the smallest
+# loaded model outside the request, or every one, is unloaded first, as ComfyUI's free_memory does on a short card
+EVICT = None
+current_loaded_models = []  # the patchers on their load device, the latest load first
 
 
 def reset_records():
     """Forget every recorded call and a pending Cancel (run before each test, so no test reads another's)."""
-    global interrupt_processing
+    global interrupt_processing, EVICT
     interrupt_processing = False
+    EVICT = None
+    while current_loaded_models:
+        _unload(current_loaded_models[0])
     LOADED.clear()
     REQUESTS.clear()
     FREED.clear()
@@ -45,8 +52,25 @@ def minimum_inference_memory():
     return int(1024**3 * 0.8) + 400 * 1024**2
 
 
+def _size(patcher):
+    return sum(t.nbytes for t in [*patcher.model.parameters(), *patcher.model.buffers()])
+
+
+def _unload(patcher):
+    patcher.model.to(patcher.offload_device)
+    patcher.model.device = patcher.offload_device
+    current_loaded_models.remove(patcher)
+
+
+def _evict(keep):
+    others = sorted((m for m in current_loaded_models if not any(m is k for k in keep)), key=_size)
+    for m in others[: {None: 0, "smallest": 1, "all": len(others)}[EVICT]]:
+        _unload(m)
+
+
 def free_memory(memory_required, device, keep_loaded=[]):
     FREED.append(memory_required)
+    _evict(keep_loaded)
 
 
 class InterruptProcessingException(Exception):
@@ -90,6 +114,13 @@ def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimu
     names = [type(getattr(m.model, "inner", m.model)).__name__ for m in models]
     LOADED.append(names)
     REQUESTS.append((names, memory_required))
+    _evict(models)
     for m in models:
         m.model.to(m.load_device)
         m.model.device = m.load_device  # as comfy.model_patcher.ModelPatcher.load does
+        if not any(m is x for x in current_loaded_models):
+            current_loaded_models.insert(0, m)
+
+
+def load_model_gpu(model):
+    return load_models_gpu([model])
