@@ -4,14 +4,26 @@ ComfyUI frees memory for a stage only as far as it is told (`load_models_gpu(...
 estimates are what the nodes tell it, and what the run plan (`plan.py`) chooses the memory mode from. Each is
 linear in the work of one call, with coefficients measured on the real architectures (random weights; activation
 memory does not depend on the values) by `benchmarks/stage_memory.py` at several sizes, fp32 on the CPU, rounded
-up; half precision halves them. PyTorch's attention kernels on CPU and GPU are both flash-style (no N x N
+up; half precision halves them. PyTorch's attention kernels on the CPU and on CUDA are both flash-style (no N x N
 matrix), so the pattern measured on the CPU is the GPU's. `benchmarks/README.md` has the measurements; re-measure
 on a GPU with `bench_stages.py --device cuda`.
+
+Attention is where devices differ (issue #19; the kernels per device are documented in `models/attention.py`):
+
+* ``fused`` (CUDA, CPU): online-softmax kernels, O(n) per head - inside the measured coefficients, nothing added;
+* ``math`` (SDPA on a device without a fused kernel, e.g. MPS unchunked): each attention layer materialises its
+  whole [batch, heads, queries, keys] score tensor and its softmax (two copies), one layer at a time: the largest
+  layer's two copies come on top;
+* ``chunked`` (what Sonic runs on MPS): the same, but for the largest score block the chunk plan allows
+  (`score_chunks`, at most the block budget per block).
 """
 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
+from typing import Iterator
 
 MiB = 2**20
 
@@ -28,6 +40,18 @@ AUDIO_AND_CLIP_BYTES = 512 * MiB
 # allocator slack and the sampler's own window buffers, per call
 SLACK = 1.2
 
+# Attention layers of the SVD UNet (configs/svd-xt/unet/config.json) as (heads, downsampling factor): the three
+# CrossAttn down blocks (320/640/1280 channels, 5/10/20 heads; the up blocks mirror them) and the mid block (factor
+# 8, 20 heads). Sonic's audio adds AUDIO_TOKENS keys per frame (audio2token's context_tokens).
+SVD_ATTENTION_LEVELS = ((5, 1), (10, 2), (20, 4), (20, 8))
+AUDIO_TOKENS = 32
+ATTENTION_BACKENDS = ("fused", "math", "chunked")
+SCORE_COPIES = 2  # the scores and their softmax are alive together (both for the math kernel and for one chunk)
+# One chunk's score block, at most: a quarter of MPS's 2**32-byte limit per array, so that even a kernel that
+# upcasts fp16 scores to fp32 stays at half of it. SONIC_ATTENTION_BLOCK_MB overrides it.
+DEFAULT_SCORE_BLOCK_BYTES = 2**30
+SCORE_BLOCK_ENV = "SONIC_ATTENTION_BLOCK_MB"
+
 
 def dtype_bytes(dtype) -> int:
     """2 for fp16/bf16, 4 for fp32 (a torch.dtype or its name)."""
@@ -35,11 +59,12 @@ def dtype_bytes(dtype) -> int:
     return 2 if name in ("float16", "bfloat16", "fp16", "bf16", "half") else 4
 
 
-def unet_call_bytes(rows: int, frames: int, latent_h: int, latent_w: int, dtype) -> int:
+def unet_call_bytes(rows: int, frames: int, latent_h: int, latent_w: int, dtype, attention: str = "fused") -> int:
     """One UNet call: `rows` batch rows (3 guidance rows x windows per call, or 1 row in low-VRAM mode) of
-    `frames` latent frames of latent_h x latent_w."""
+    `frames` latent frames of latent_h x latent_w, with the `attention` backend's scores on top (`attention_bytes`)."""
     elements = rows * frames * latent_h * latent_w
-    return math.ceil((UNET_FIXED_BYTES + elements * UNET_BYTES_PER_ELEMENT * dtype_bytes(dtype) / 4) * SLACK)
+    measured = math.ceil((UNET_FIXED_BYTES + elements * UNET_BYTES_PER_ELEMENT * dtype_bytes(dtype) / 4) * SLACK)
+    return measured + attention_bytes(rows, frames, latent_h, latent_w, dtype, attention)
 
 
 def vae_decode_bytes(chunk: int, height: int, width: int, dtype) -> int:
@@ -63,14 +88,113 @@ def decode_bytes(chunk: int, rife_batch: int, height: int, width: int, dtype, in
 
 
 def sampling_bytes(windows_per_call: int, frames: int, latent_h: int, latent_w: int, dtype,
-             sequential_guidance: bool = False) -> int:
+             sequential_guidance: bool = False, attention: str = "fused") -> int:
     rows = windows_per_call * (1 if sequential_guidance else 3)
-    return unet_call_bytes(rows, frames, latent_h, latent_w, dtype)
+    return unet_call_bytes(rows, frames, latent_h, latent_w, dtype, attention)
 
 
 def streamed_unet_bytes(largest_unit_bytes: int, windows_per_call: int, frames: int, latent_h: int, latent_w: int,
-                  dtype) -> int:
+                  dtype, attention: str = "fused") -> int:
     """Block streaming (sonic/engine/offload.py): the low-VRAM UNet call plus the largest block's weights, twice (the
     block in use and the allocator's copy of the next while the last is freed)."""
-    call = sampling_bytes(windows_per_call, frames, latent_h, latent_w, dtype, sequential_guidance=True)
+    call = sampling_bytes(windows_per_call, frames, latent_h, latent_w, dtype, sequential_guidance=True,
+                          attention=attention)
     return call + 2 * largest_unit_bytes
+
+
+def score_block_budget() -> int:
+    """Bytes one chunk's score block may take: SONIC_ATTENTION_BLOCK_MB (MiB, a positive number) or 1 GiB."""
+    value = os.environ.get(SCORE_BLOCK_ENV, "").strip()
+    if not value:
+        return DEFAULT_SCORE_BLOCK_BYTES
+    try:
+        mib = float(value)
+    except ValueError:
+        mib = 0.0
+    if not mib > 0:
+        raise ValueError(f"{SCORE_BLOCK_ENV}={value!r} is not a positive number of MiB")
+    return int(mib * MiB)
+
+
+@dataclass(frozen=True)
+class ScoreChunks:
+    """How one attention call of [batch, heads, queries] x keys is cut: the sizes of one chunk along batch, heads and
+    queries (the last chunk along each may be smaller), and the bytes of one score item."""
+
+    batch: int
+    heads: int
+    queries: int
+    keys: int
+    item_bytes: int
+
+    @property
+    def block_bytes(self) -> int:
+        """The largest score block one chunk materialises: [batch, heads, queries, keys]."""
+        return self.batch * self.heads * self.queries * self.keys * self.item_bytes
+
+
+def score_chunks(batch: int, heads: int, queries: int, keys: int, dtype, budget: int) -> ScoreChunks:
+    """The fewest, largest chunks whose score block stays within `budget` bytes: whole batch items while one fits,
+    else whole heads of one item, else query rows of one head. Raises ValueError where one query row of one head
+    (`keys` scores) is already above the budget: that would need the keys cut too (online softmax), which Sonic's
+    shapes never need (4,096 keys at 512 px are 8 KiB in fp16)."""
+    item = dtype_bytes(dtype)
+    row = keys * item
+    if row > budget:
+        raise ValueError(f"one attention row of {keys} keys ({row} B) is above the score block budget of {budget} B")
+    per_head = queries * row
+    per_item = heads * per_head
+    if per_item <= budget:
+        return ScoreChunks(min(batch, budget // per_item), heads, queries, keys, item)
+    if per_head <= budget:
+        return ScoreChunks(1, budget // per_head, queries, keys, item)
+    return ScoreChunks(1, 1, budget // row, keys, item)
+
+
+def attention_levels(unet_config: dict) -> tuple[tuple[int, int], ...]:
+    """(heads, downsampling factor) of the attention levels of a diffusers SVD UNet config (the up blocks mirror
+    the down blocks; the mid block attends at the lowest resolution with the last level's heads)."""
+    blocks = unet_config["down_block_types"]
+    heads = unet_config["num_attention_heads"]
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(blocks)
+    levels = [(heads[i], 2**i) for i, kind in enumerate(blocks) if kind.startswith("CrossAttn")]
+    return tuple(levels) + ((heads[-1], 2 ** (len(blocks) - 1)),)
+
+
+def attention_score_shapes(rows: int, frames: int, latent_h: int, latent_w: int,
+                           levels=SVD_ATTENTION_LEVELS, audio_tokens: int = AUDIO_TOKENS
+                           ) -> Iterator[tuple[int, int, int, int]]:
+    """(batch, heads, queries, keys) of every kind of attention call in one UNet call of `rows` guidance rows x
+    `frames` frames: spatial self-attention, CLIP (one token) and audio cross-attention per frame, temporal
+    self-attention and CLIP cross-attention per pixel, and the temporal audio attention (pixels folded into the
+    queries, `attention.py`). Each level's grid is the latent's, halved (rounding up, as the stride-2 convolutions
+    do) once per factor of 2."""
+    for heads, factor in levels:
+        h, w = latent_h, latent_w
+        for _ in range(int(math.log2(factor))):
+            h, w = -(-h // 2), -(-w // 2)
+        n, images = h * w, rows * frames
+        yield images, heads, n, n
+        yield images, heads, n, 1
+        yield images, heads, n, audio_tokens
+        yield rows * n, heads, frames, frames
+        yield rows * n, heads, frames, 1
+        yield rows, heads, n * frames, audio_tokens
+
+
+def attention_bytes(rows: int, frames: int, latent_h: int, latent_w: int, dtype, backend: str = "fused",
+                    budget: int | None = None, levels=SVD_ATTENTION_LEVELS) -> int:
+    """Attention memory on top of the measured UNet coefficients (which include the fused kernels' O(n) work):
+    0 for `fused`; for `math` the largest layer's whole score tensor, for `chunked` its largest chunk block (within
+    `budget`, default `score_block_budget()`), SCORE_COPIES times (scores and softmax)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    if backend == "fused":
+        return 0
+    shapes = attention_score_shapes(rows, frames, latent_h, latent_w, levels)
+    if backend == "math":
+        largest = max(b * h * q * k for b, h, q, k in shapes) * dtype_bytes(dtype)
+    else:
+        budget = score_block_budget() if budget is None else budget
+        largest = max(score_chunks(*shape, dtype, budget).block_bytes for shape in shapes)
+    return SCORE_COPIES * largest

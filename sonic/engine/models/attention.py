@@ -14,6 +14,10 @@ UNet call (`with conditioning.bind(...)`).
 
 For the temporal context the UNet is given a per-row constant CLIP context, so diffusers' stock
 "first frame" temporal context equals Sonic's window mean for CLIP; only the audio mean is computed here.
+
+Every other attention layer (`attn1`, spatial and temporal self-attention) gets `SelfAttention`, diffusers' SDPA
+processor's computation for the SVD layout, so that all attention goes through `multihead_attention`: PyTorch's
+SDPA where the device has a fused kernel, query chunks under a byte budget where it has none (issue #19).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Iterator
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .. import memory
 
 
 class AudioConditioning:
@@ -96,15 +102,98 @@ def downsample_mask(mask: torch.Tensor, num_queries: int) -> torch.Tensor:
     return resized[..., None]
 
 
+# Which attention kernel each device has, read from PyTorch's source (2.x; this was checked against 2.14):
+#
+# * CUDA: SDPA chooses flash (fp16/bf16), memory-efficient (fp32 too) or cuDNN attention - online softmax, no
+#   score tensor: "fused".
+# * CPU: SDPA runs `aten::_scaled_dot_product_flash_attention_for_cpu` for fp32, bf16 and fp16 alike (seen with the
+#   profiler in tests/engine/test_attention.py): "fused".
+# * MPS: SDPA runs `aten::_scaled_dot_product_attention_math_for_mps`. Its Metal vector kernels
+#   (ATen/native/mps/kernels/DecodeAttention.h; aten/src/ATen/native/mps/operations/Attention.mm chooses them) serve
+#   at most 8 queries - decoding, never a UNet's thousands; everything else goes to `sdpa_general_mps`, an MPSGraph
+#   of matmul -> softmax -> matmul that also returns the [batch, heads, queries, keys] weights as its second output
+#   (torch/_meta_registrations.py, meta__scaled_dot_product_attention_math_for_mps): the whole score tensor exists,
+#   [75, 5, 4096, 4096] = 12.6 GB in fp16 for the batched call at 512 px, above MPS's 2**32-byte limit per array.
+#   Recent wheels also carry a flash prefill Metal kernel (kernels/PrefillAttention.h, MppAttention.h), but the
+#   rules that pick it are not in the wheel and older PyTorch lacks it, so Sonic chunks on MPS whatever the
+#   version: "chunked" (with a flash kernel underneath, chunking costs a few more kernel launches).
+# * anything else: "chunked" (correct everywhere, and bounded).
+FUSED_DEVICE_TYPES = ("cuda", "cpu")
+
+_forced_budget: int | None = None  # set by `chunked_attention`: chunk on every device, with this budget
+_sdpa = F.scaled_dot_product_attention  # every attention kernel call goes through here (tests count the blocks)
+
+
+def attention_backend(device: str | torch.device) -> str:
+    """"fused" or "chunked": how Sonic's attention runs on `device` (the names of `memory.attention_bytes`)."""
+    if _forced_budget is None and torch.device(device).type in FUSED_DEVICE_TYPES:
+        return "fused"
+    return "chunked"
+
+
+@contextmanager
+def chunked_attention(budget_bytes: int | None = None) -> Iterator[None]:
+    """Chunk attention on every device (with `budget_bytes` per score block, else `memory.score_block_budget()`),
+    for as long as the context lasts: for tests and measurements."""
+    global _forced_budget
+    before = _forced_budget
+    _forced_budget = memory.score_block_budget() if budget_bytes is None else budget_bytes
+    try:
+        yield
+    finally:
+        _forced_budget = before
+
+
+def score_plan(query: torch.Tensor, key: torch.Tensor) -> memory.ScoreChunks:
+    """How `multihead_attention` cuts the [b, h, n, d] query against these keys on the chunked path."""
+    budget = memory.score_block_budget() if _forced_budget is None else _forced_budget
+    return memory.score_chunks(*query.shape[:3], key.shape[2], query.dtype, budget)
+
+
+def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA of [b, h, n, d] tensors (keys and values with the same b and h): in one call where the device has a
+    fused kernel; else in chunks of whole batch items, whole heads or query rows whose score block stays within the
+    budget. Each query row's softmax is over all keys in either case, so the chunks compute the same numbers."""
+    if attention_backend(q.device) == "fused":
+        return _sdpa(q, k, v, dropout_p=0.0, is_causal=False)
+    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"keys {tuple(k.shape)} / values {tuple(v.shape)} do not match the queries {tuple(q.shape)}")
+    plan = score_plan(q, k)
+    batch, heads, queries = q.shape[:3]
+    if (plan.batch, plan.heads, plan.queries) == (batch, heads, queries):
+        return _sdpa(q, k, v, dropout_p=0.0, is_causal=False)
+    out = q.new_empty(batch, heads, queries, v.shape[-1])
+    for b in range(0, batch, plan.batch):
+        for h in range(0, heads, plan.heads):
+            items = (slice(b, b + plan.batch), slice(h, h + plan.heads))
+            for n in range(0, queries, plan.queries):
+                rows = (*items, slice(n, n + plan.queries))
+                out[rows] = _sdpa(q[rows], k[items], v[items], dropout_p=0.0, is_causal=False)
+    return out
+
+
 def _attend(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Multi-head SDPA on [b, n, inner] projections; returns [b, n, inner] in the query's dtype."""
+    """Multi-head attention on [b, n, inner] projections; returns [b, n, inner] in the query's dtype."""
     batch, heads = query.shape[0], attn.heads
     head_dim = key.shape[-1] // heads
     q = query.view(batch, -1, heads, head_dim).transpose(1, 2)
     k = key.view(key.shape[0], -1, heads, head_dim).transpose(1, 2)
     v = value.view(value.shape[0], -1, heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    out = multihead_attention(q, k, v)
     return out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+
+
+class SelfAttention:
+    """Processor for one `attn1` of the SVD UNet: diffusers' `AttnProcessor2_0` for its layout (3-D hidden states,
+    no mask, no norms, no residual inside), through `multihead_attention`."""
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        if hidden_states.ndim != 3 or attention_mask is not None:
+            raise ValueError("SelfAttention expects [batch, tokens, channels] hidden states and no attention mask")
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        out = _attend(attn, attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context))
+        return attn.to_out[1](attn.to_out[0](out))
 
 
 class AudioCrossAttention(nn.Module):
@@ -153,7 +242,8 @@ class AudioCrossAttention(nn.Module):
 
 
 def attach_audio_attention(unet: nn.Module, audio_dim: int) -> AudioConditioning:
-    """Give every `attn2` of a diffusers SVD UNet an audio processor; returns their shared conditioning."""
+    """Give every `attn2` of a diffusers SVD UNet an audio processor and every other attention layer `SelfAttention`
+    (both attend through `multihead_attention`); returns the audio processors' shared conditioning."""
     from diffusers.models.attention_processor import Attention
 
     conditioning = AudioConditioning()
@@ -171,6 +261,12 @@ def attach_audio_attention(unet: nn.Module, audio_dim: int) -> AudioConditioning
             ).to(device=weight.device, dtype=weight.dtype)
             module.set_processor(processor)
             count += 1
+        elif isinstance(module, Attention):
+            if (module.spatial_norm is not None or module.group_norm is not None or module.norm_cross
+                    or module.norm_q is not None or module.norm_k is not None or module.residual_connection
+                    or module.rescale_output_factor != 1.0):
+                raise ValueError(f"unexpected attention layout at {name}: not an SVD UNet")
+            module.set_processor(SelfAttention())
     if count == 0:
         raise ValueError("no cross-attention layers found: is this an SVD UNet?")
     return conditioning
