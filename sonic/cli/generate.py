@@ -51,8 +51,8 @@ def add_parsers(sub) -> None:
     gen.add_argument("--stream-unet", action="store_true", help="keep the UNet's weights in RAM and move one block "
                      "at a time to the GPU (for cards that cannot hold its 3 GB; slower; implies --low-vram)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
-    gen.add_argument("--device", default="auto", help="auto (cuda, else cpu; named on stderr), cpu, cuda, cuda:1, "
-                     "mps, ...")
+    gen.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu; named on stderr), cpu, cuda, "
+                     "cuda:1, mps, ...")
     gen.add_argument("--face-detector", default="auto", choices=["auto", "yolo", "dlib"])
     gen.add_argument("--crf", type=int, default=18, help="H.264 quality (lower = better)")
     gen.add_argument("--preset", default="medium", help="x264 preset (ultrafast ... veryslow)")
@@ -194,9 +194,11 @@ def _device_description(device) -> str:
 
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    if torch.backends.mps.is_available():
-        return f"{device.type} (no CUDA GPU; --device mps runs on this Mac's GPU, which may run out of memory at 512 px)"
-    return f"{device.type} (no CUDA GPU found)"
+    if device.type == "mps":
+        from ..engine.memory import score_block_budget
+
+        return f"mps (Apple GPU; attention in chunks of up to {score_block_budget() / 2**20:.0f} MiB)"
+    return f"{device.type} (no CUDA or MPS GPU found)"
 
 
 def _free_bytes(device) -> int | None:

@@ -33,13 +33,20 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """'auto' = an NVIDIA (CUDA) GPU if this PyTorch can use one, else the CPU. Apple's GPU only when named ('mps'):
-    its attention has no fused kernel here and materialises scores too big for MPS at 512 px and up (issue #19)."""
+    """'auto' = the first of an NVIDIA (CUDA) GPU, an Apple GPU (MPS) and the CPU that this PyTorch can use. (MPS
+    has no fused attention kernel; Sonic's attention runs there in chunks under a byte budget, models/attention.py.)
+    A GPU named but not usable is an error, not a silent CPU run."""
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but this PyTorch has no usable CUDA GPU; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        why = ("this PyTorch was built without MPS support" if not torch.backends.mps.is_built()
+               else "no Apple GPU is usable here (MPS needs Apple silicon or an AMD GPU, macOS 12.3 or newer)")
+        raise RuntimeError(f"device 'mps' was requested but {why}; use --device cpu")
     return device
 
 

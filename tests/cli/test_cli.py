@@ -120,9 +120,9 @@ def _gpus(monkeypatch, cuda: bool, mps: bool) -> None:
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
 
 
-@pytest.mark.parametrize("cuda, mps, chosen", [(True, True, "cuda"), (True, False, "cuda"), (False, True, "cpu"),
+@pytest.mark.parametrize("cuda, mps, chosen", [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"),
                                                (False, False, "cpu")])
-def test_the_auto_device_is_cuda_then_cpu(monkeypatch, cuda, mps, chosen):
+def test_the_auto_device_is_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, chosen):
     import torch
 
     from sonic.engine.loader import resolve_device
@@ -131,14 +131,34 @@ def test_the_auto_device_is_cuda_then_cpu(monkeypatch, cuda, mps, chosen):
     assert resolve_device("auto") == resolve_device(None) == torch.device(chosen)
 
 
+@pytest.mark.parametrize("built, reason", [(True, "no Apple GPU is usable here"),
+                                           (False, "this PyTorch was built without MPS support")])
+def test_a_named_mps_device_must_be_usable(monkeypatch, capsys, tiny_dir, tmp_path, built, reason):
+    import torch
+
+    from sonic.engine.loader import resolve_device
+
+    _gpus(monkeypatch, cuda=False, mps=False)
+    monkeypatch.setattr(torch.backends.mps, "is_built", lambda: built)
+    with pytest.raises(RuntimeError, match=reason):
+        resolve_device("mps")
+    argv = _args(tiny_dir, tmp_path)
+    argv[argv.index("--device") + 1] = "mps"
+    err = _error_of(capsys, *argv)
+    assert err == f"error: device 'mps' was requested but {reason}" + (
+        " (MPS needs Apple silicon or an AMD GPU, macOS 12.3 or newer)" if built else "") + "; use --device cpu"
+    _gpus(monkeypatch, cuda=False, mps=True)
+    assert resolve_device("mps") == torch.device("mps")
+
+
 class _Loading(Exception):
     """Raised by the model-loading spy: the device generate chose is known, nothing is loaded."""
 
 
 @pytest.mark.parametrize("cuda, mps, line", [(True, True, "device: cuda (NVIDIA H100)"),
-                                             (False, True, "device: cpu (no CUDA GPU; --device mps runs on this "
-                                                           "Mac's GPU, which may run out of memory at 512 px)"),
-                                             (False, False, "device: cpu (no CUDA GPU found)")])
+                                             (False, True, "device: mps (Apple GPU; attention in chunks of up to "
+                                                           "1024 MiB)"),
+                                             (False, False, "device: cpu (no CUDA or MPS GPU found)")])
 def test_generate_says_which_device_auto_chose(tiny_dir, tmp_path, monkeypatch, capsys, cuda, mps, line):
     import torch
 
@@ -153,6 +173,7 @@ def test_generate_says_which_device_auto_chose(tiny_dir, tmp_path, monkeypatch, 
         raise _Loading
 
     _gpus(monkeypatch, cuda, mps)
+    monkeypatch.delenv("SONIC_ATTENTION_BLOCK_MB", raising=False)  # the default chunk budget, 1 GiB
     monkeypatch.setattr(loader, "load_models", load_models)
     argv = _args(tiny_dir, tmp_path)
     argv[argv.index("--device") + 1] = "auto"
