@@ -49,6 +49,7 @@ class RunPlan:
     largest_unit_bytes: int  # the largest streaming unit's weights
     rife: bool  # interpolation will run (asked for, RIFE loaded, more than one frame)
     note: str | None = None  # why a memory-saving mode was chosen (for the user); None = the official batched call
+    attention: str = "fused"  # how attention runs on the device (models/attention.py; memory.attention_bytes)
 
     @property
     def fps(self) -> float:
@@ -66,9 +67,9 @@ class RunPlan:
         sequential = o.sequential_guidance if sequential_guidance is None else sequential_guidance
         if o.stream_unet:
             return memory.streamed_unet_bytes(self.largest_unit_bytes, o.windows_per_call, o.frames_per_window,
-                                              *self.latent_size, self.dtype)
+                                              *self.latent_size, self.dtype, attention=self.attention)
         return memory.sampling_bytes(o.windows_per_call, o.frames_per_window, *self.latent_size, self.dtype,
-                                     sequential_guidance=sequential)
+                                     sequential_guidance=sequential, attention=self.attention)
 
     @property
     def decode_bytes(self) -> int:
@@ -96,6 +97,7 @@ class RunPlan:
 def plan_run(models, cond, options: SampleOptions, device: DeviceMemory = DeviceMemory()) -> RunPlan:
     """Plan a generation of `cond` (a `pipeline.SonicConditioning`) with `models` (`loader.SonicModels`) before the
     UNet is placed on the device. Raises ValueError (options' own checks) for impossible combinations."""
+    from .models.attention import attention_backend
     from .offload import unet_units, unit_bytes
 
     unet_bytes = unit_bytes(models.unet)
@@ -104,7 +106,7 @@ def plan_run(models, cond, options: SampleOptions, device: DeviceMemory = Device
     rife = options.interpolation and models.rife is not None and cond.num_frames > 1
     base = RunPlan(options=options, width=width, height=height, num_frames=cond.num_frames, dtype=models.dtype,
                    vae_dtype=models.vae.dtype, unet_bytes=unet_bytes, largest_unit_bytes=largest, rife=rife,
-                   latent_size=tuple(cond.image_latents.shape[-2:]))
+                   latent_size=tuple(cond.image_latents.shape[-2:]), attention=attention_backend(models.device))
     low_vram_call = base.unet_call_bytes(sequential_guidance=True)
     stream, note = options.stream_unet, None  # the user's own choice needs no note
     if not stream and not options.compile:  # a compiled graph reads the weights where they were when it compiled

@@ -156,3 +156,67 @@ def test_sampling_memory_does_not_grow_with_the_video(tiny_models, tiny_cond):
     long, _ = _sampling_growth(tiny_models, tiny_cond, 120)
     assert short > 10 * 25 * frame_bytes  # it did measure the UNet's activations
     assert long - short < 0.02 * (120 - 30) * frame_bytes
+
+
+def test_attention_memory_depends_on_the_backend(monkeypatch):
+    """The batched call at 512 px in fp16 (3 guidance rows x 25 frames, 64 x 64 latents). Fused kernels (CUDA, the
+    CPU) add nothing to the measured coefficients. The math kernel (MPS's SDPA) adds its largest layer's scores and
+    softmax: the first level's self-attention, [75, 5, 4096, 4096] x 2 bytes, twice. Chunked (Sonic on MPS) adds
+    the largest chunk's two blocks: with the 1 GiB budget that is 51 frames of the second level ([10, 1024, 1024]
+    each, 1.07 GB) - more than 6 frames of the first (1.01 GB), fewer bytes than the budget."""
+    monkeypatch.delenv(memory.SCORE_BLOCK_ENV, raising=False)
+    fp16 = torch.float16
+
+    def extra(backend, rows=3, dtype=fp16):
+        return memory.unet_call_bytes(rows, 25, 64, 64, dtype, backend) - memory.unet_call_bytes(rows, 25, 64, 64, dtype)
+
+    assert extra("fused") == 0
+    assert extra("math") == 2 * (75 * 5 * 4096 * 4096 * 2) == 25_165_824_000
+    assert extra("math", rows=1) == 2 * (25 * 5 * 4096 * 4096 * 2)  # low-VRAM rows: a third
+    assert extra("math", dtype=torch.float32) == 2 * extra("math")
+    assert extra("chunked") == 2 * (51 * 10 * 1024 * 1024 * 2) == 2_139_095_040
+    assert 51 * 10 * 1024 * 1024 * 2 <= 2**30 < 7 * 5 * 4096 * 4096 * 2  # (a 7th frame would not fit)
+    monkeypatch.setenv(memory.SCORE_BLOCK_ENV, "16")  # 16 MiB: less than one head of 4096 x 4096 (32 MiB)
+    assert extra("chunked") == 2 * (1 * 1 * 2048 * 4096 * 2)  # 2048 query rows of one head
+    # the memory modes pass it through
+    assert memory.sampling_bytes(1, 25, 64, 64, fp16, attention="math") == memory.unet_call_bytes(
+        3, 25, 64, 64, fp16, "math")
+    assert memory.streamed_unet_bytes(10, 1, 25, 64, 64, fp16, "math") == memory.unet_call_bytes(
+        1, 25, 64, 64, fp16, "math") + 20
+    with pytest.raises(ValueError, match="flash"):
+        memory.attention_bytes(1, 25, 64, 64, fp16, "flash")
+
+
+def test_the_attention_shapes_are_the_svd_unets():
+    """The released UNet's config gives the levels memory.py plans with by default; the largest score tensor of
+    each kind at 512 px, from the shapes: spatial self-attention (frames x heads x 4096^2), temporal self-attention
+    (pixels x heads x 25^2), the temporal audio attention (rows x heads x 4096*25 queries x 32 tokens)."""
+    import json
+
+    config = json.loads((Path(memory.__file__).parent / "configs" / "svd-xt" / "unet" / "config.json").read_text())
+    assert memory.attention_levels(config) == memory.SVD_ATTENTION_LEVELS == ((5, 1), (10, 2), (20, 4), (20, 8))
+    shapes = list(memory.attention_score_shapes(3, 25, 64, 64))
+    assert len(shapes) == 6 * 4
+    assert shapes[:6] == [(75, 5, 4096, 4096), (75, 5, 4096, 1), (75, 5, 4096, 32), (3 * 4096, 5, 25, 25),
+                          (3 * 4096, 5, 25, 1), (3, 5, 4096 * 25, 32)]
+    assert shapes[-6] == (75, 20, 64, 64)  # the mid block: 64 x 64 latents halved three times
+    assert list(memory.attention_score_shapes(1, 25, 9, 5))[-6] == (25, 20, 2, 2)  # odd sides round up
+
+
+def test_the_run_plan_asks_for_the_attention_of_its_device(tiny_models, tiny_cond, monkeypatch):
+    """The plan on the CPU (fused) and the same models on MPS (chunked): the UNet call's request differs by the
+    chunked attention's bytes, in every memory mode."""
+    import dataclasses
+
+    from sonic.engine.plan import plan_run
+    from sonic.params import SampleOptions
+
+    monkeypatch.delenv(memory.SCORE_BLOCK_ENV, raising=False)
+    cpu = plan_run(tiny_models, tiny_cond, SampleOptions())
+    mps = plan_run(dataclasses.replace(tiny_models, device=torch.device("mps")), tiny_cond, SampleOptions())
+    assert (cpu.attention, mps.attention) == ("fused", "chunked")
+    h, w = cpu.latent_size
+    frames = cpu.options.frames_per_window
+    for rows, sequential in ((3, False), (1, True)):
+        assert mps.unet_call_bytes(sequential) - cpu.unet_call_bytes(sequential) == memory.attention_bytes(
+            rows, frames, h, w, cpu.dtype, "chunked") > 0
