@@ -1,6 +1,6 @@
 """`python -m sonic batch` (sonic/batch/): jobs files, binding, and whole batches against real servers.
 
-The live part starts two real ComfyUI 0.8.0 servers (--cpu, tiny models), a real S3 server (rclone serve s3, which
+The live part starts two real ComfyUI servers (--cpu, tiny models; one 0.8.0, one 0.18.2), a real S3 server (rclone serve s3, which
 checks signatures) and an HTTP file server, all on 127.0.0.1, and runs the batch command as a user would, in a
 process where torch, numpy and ComfyUI cannot be imported (a submitting machine needs no GPU stack).
 """

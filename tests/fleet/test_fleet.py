@@ -1,6 +1,6 @@
 """The fleet (`python -m sonic submit | worker | status`, sonic/fleet/) against real servers on 127.0.0.1: Debian's
-redis-server as the Celery broker (append-only file on), PostgreSQL as the job database, two ComfyUI 0.8.0 servers
-(--cpu, tiny models), rclone's S3 server (it checks signatures), and two worker processes, one per ComfyUI. Workers
+redis-server as the Celery broker (append-only file on), PostgreSQL as the job database, two ComfyUI servers
+(--cpu, tiny models; one 0.8.0, one 0.18.2), rclone's S3 server (it checks signatures), and two worker processes, one per ComfyUI. Workers
 and CLI run where torch, numpy and ComfyUI cannot be imported.
 
 Short settings make every fault visible within seconds: leases of 6 s, a reconciler round every 2 s, and a Redis
