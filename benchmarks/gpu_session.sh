@@ -11,7 +11,8 @@
 # Every phase runs under `timeout` with its budget (seconds, × SONIC_GPU_SESSION_TIMEOUT_SCALE); install and
 # preflight are fatal (nothing else can work without them); a later phase that fails or times out is recorded and
 # the rest still run; the script exits non-zero when any phase failed. SONIC_GPU_SESSION_PHASES=a,b,... runs only
-# those phases (the fast test); SONIC_GPU_SESSION_WHEELS=DIR installs the wheels of DIR (default .gpu/wheels).
+# those phases (the fast test); SONIC_GPU_SESSION_WHEELS=DIR installs the wheels of DIR (default .gpu/wheels; none in
+# a dry run).
 # shellcheck disable=SC2329  # the phase functions run through `--phase NAME` (under timeout)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,7 +21,7 @@ out=${OUT:-$root/gpu-results}
 dry=${SONIC_GPU_SESSION_DRYRUN:-0}
 scale=${SONIC_GPU_SESSION_TIMEOUT_SCALE:-$([ "$dry" = 1 ] && echo 4 || echo 1)}  # a busy CPU: 4x
 only=${SONIC_GPU_SESSION_PHASES:-}
-wheels=${SONIC_GPU_SESSION_WHEELS:-$root/.gpu/wheels}
+wheels=${SONIC_GPU_SESSION_WHEELS:-$([ "$dry" = 1 ] || echo "$root/.gpu/wheels")}  # dry run: none (they are 3.12's)
 mkdir -p "$out"
 if [ "${1:-}" = --phase ]; then
   work=$SONIC_GPU_SESSION_WORK  # a phase runs as this script again, under `timeout` (which runs no shell function)
@@ -71,12 +72,12 @@ phase() {  # phase NAME fatal|continue FUNCTION: FUNCTION under its budget; the 
 }
 
 install_wheels() {
-  if compgen -G "$wheels/*.whl" >/dev/null; then
+  if [ -n "$wheels" ] && compgen -G "$wheels/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
       "$wheels"/*.whl
     ls "$site"
   elif [ "$dry" = 1 ]; then
-    echo "dry run: no wheels in $wheels, using this machine's packages"
+    echo "dry run: no wheels installed, using this machine's packages"
   else
     echo "no wheels in $wheels: run benchmarks/gpu_prepare.sh here and carry .gpu" >&2
     return 1
