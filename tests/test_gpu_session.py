@@ -105,3 +105,41 @@ def test_the_whole_cpu_dry_run(tmp_path, reference_dir):
     assert "8 skipped" in (out / "test_gpu.txt").read_text()
     table = (out / "table.md").read_text()
     assert "| 64x64 |" in table and "| streamed UNet | 64 |" in table and "End to end" in table
+
+
+def _wheel(folder: Path, name: str, version: str, requires: list[str], tag: str = "py3-none-any") -> None:
+    import zipfile
+
+    metadata = "Metadata-Version: 2.1\nName: {}\nVersion: {}\n{}".format(
+        name, version, "".join(f"Requires-Dist: {r}\n" for r in requires))
+    with zipfile.ZipFile(folder / f"{name}-{version}-{tag}.whl", "w") as archive:
+        archive.writestr(f"{name}-{version}.dist-info/METADATA", metadata)
+
+
+def check_wheels(folder: Path, *need: str) -> tuple[int, str]:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_bench.py"), "check-wheels", str(folder),
+                           "--need", *need], capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_the_wheel_check_finds_what_the_image_lacks(tmp_path):
+    """gpu_prepare.sh's check, on stand-in wheels against the image's real package list: soundfile without cffi
+    (the session that died on the lent machine) fails naming cffi; a requirement whose marker excludes Python 3.12
+    is ignored; one the image's recorded version does not meet fails; a wheel for another Python fails."""
+    _wheel(tmp_path, "soundfile", "0.14.0", ["cffi >=1.0", "numpy", "typing-extensions"])
+    _wheel(tmp_path, "audioread", "3.1.0", ['standard-aifc ; python_version >= "3.13"'])
+    rc, log = check_wheels(tmp_path, "soundfile", "torch")
+    assert rc == 1 and "soundfile 0.14.0 needs cffi>=1.0: neither carried nor on the image" in log
+    assert "standard-aifc" not in log
+    _wheel(tmp_path, "cffi", "2.0.0", ['pycparser; implementation_name != "PyPy"'],
+           tag="cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64")
+    _wheel(tmp_path, "pycparser", "3.0", [])
+    rc, log = check_wheels(tmp_path, "soundfile", "torch")
+    assert rc == 0 and "wheel check ok" in log, log
+    _wheel(tmp_path, "diffusers", "9.0", ["huggingface-hub>=2.0"])  # the image records huggingface-hub 1.33.0
+    _wheel(tmp_path, "soxr", "1.1.0", [], tag="cp311-cp311-manylinux_2_28_x86_64")
+    rc, log = check_wheels(tmp_path)
+    assert rc == 1 and "diffusers needs huggingface-hub>=2.0, the image has huggingface-hub 1.33.0" in log
+    assert "soxr-1.1.0-cp311-cp311-manylinux_2_28_x86_64.whl does not install on CPython 3.12" in log
+    rc, log = check_wheels(tmp_path / "none", "librosa")
+    assert rc == 1 and "the session needs librosa: neither carried nor on the image" in log
