@@ -200,6 +200,7 @@ class SonicDenoiser:
         device, dtype = models.device, models.dtype
         self.models, self.options, self.cancel = models, options, cancel
         self.unet = unet_for(models, options)
+        self.streaming: offload.Streaming | None = None  # set while `sample` streams the UNet's weights
         self.fps = audio_lib.GENERATED_FPS
         zeros_latent = torch.zeros_like(cond.image_latents)
         # [3, 1, 4, h, w]: no image for the unconditional row
@@ -237,7 +238,9 @@ class SonicDenoiser:
         time_ids = to_device(torch.cat([fps, window_buckets], dim=1), device)[:, None].expand(n, 3, 3).to(dtype)
         clip = self.clip_rows[None].expand(n, *self.clip_rows.shape)  # [n, 3, 1, D]
 
-        if self.options.sequential_guidance:  # low-VRAM: one guidance row per call, a third of the activations
+        if self.options.sequential_guidance and self.streaming is not None:
+            out = self._streamed_rows(sample, tokens, clip, time_ids, timestep, length)
+        elif self.options.sequential_guidance:  # low-VRAM: one guidance row per call, a third of the activations
             out = torch.stack([self._unet(sample[:, r], tokens[:, r], clip[:, r], time_ids[:, r], timestep, length)
                                for r in range(3)], dim=1)
         else:
@@ -246,6 +249,25 @@ class SonicDenoiser:
         uncond_v, drop_audio_v, cond_v = out.unbind(dim=1)
         g1, g2 = self.g_appearance[step], self.g_audio[step]
         return uncond_v + g1 * (drop_audio_v - uncond_v) + g2 * (cond_v - drop_audio_v)
+
+    def _streamed_rows(self, sample, tokens, clip, time_ids, timestep, length: int) -> torch.Tensor:
+        """Low-VRAM rows with a streamed UNet: one UNet call whose blocks each run the three guidance rows in turn
+        (`offload.Streaming.split`) while their weights are on the device, so the weights cross the bus once per
+        call instead of once per row. Each block computes what it does in the row-by-row calls (the rows are laid
+        out guidance-major, so each piece is exactly one of those calls' batch): the same numbers."""
+        n = sample.shape[0]
+        by_row = [t.transpose(0, 1).flatten(0, 1) for t in (sample, clip, time_ids)]  # [3 * n, ...], row-major
+        row_tokens = tokens.transpose(0, 1).flatten(0, 2)  # [3 * n * L, T, D]
+        models, per_row = self.models, row_tokens.shape[0] // 3
+
+        def each(row: int):
+            return models.audio_conditioning.bind(row_tokens[row * per_row : (row + 1) * per_row], length,
+                                                  self.face_mask, self.options.ip_audio_scale)
+
+        with self.streaming.split(3, each):
+            out = self.unet(by_row[0], timestep, encoder_hidden_states=by_row[1].contiguous(),
+                            added_time_ids=by_row[2].contiguous(), return_dict=False)[0]
+        return out.unflatten(0, (3, n)).transpose(0, 1)  # [n, 3, L, 4, h, w]
 
     def _unet(self, sample, tokens, clip, time_ids, timestep, length: int) -> torch.Tensor:
         """One UNet call on [rows, L, 8, h, w] with rows' tokens [rows, L, T, D] -> v [rows, L, 4, h, w]."""
@@ -298,7 +320,7 @@ def sample(
     denoiser = SonicDenoiser(models, cond, options, len(timesteps), cancel)
     # stream_unet: the UNet's weights stay where they are (host memory) and visit the device block by block
     streaming = offload.streamed(offload.unet_units(models.unet), device) if options.stream_unet else nullcontext()
-    with streaming:
+    with streaming as denoiser.streaming:
         latents = sample_windows(
             denoiser,
             latents,

@@ -3,6 +3,7 @@ unit at a time, nothing changes in host memory, and the video is the same."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -86,3 +87,83 @@ def test_a_unit_that_raises_is_put_back(tiny_models):
     with pytest.raises(RuntimeError), torch.no_grad(), offload.streamed(units, "meta"):
         conv_in(torch.zeros(1, 3, 8, 8, device="meta"))  # wrong channels: fails inside the unit's forward
     assert conv_in.weight is weight and weight.device.type == "cpu"
+
+
+def _count_unit_calls(units) -> tuple[list, list]:
+    """Forward pre-hooks counting every call of every unit (each call of a streamed unit is one weight pass)."""
+    calls = [0]
+
+    def count(*_):
+        calls[0] += 1
+
+    return calls, [unit.register_forward_pre_hook(count) for unit in units]
+
+
+def test_low_vram_rows_share_one_weight_pass_per_unet_call(tiny_models, tiny_cond):
+    """Streamed with the guidance rows one after another (how the plan always streams): every unit visits the
+    device once per window and step, not once per row (which sent the 3.15 GB three times per window); the
+    streaming stats agree, and from the second UNet call on every unit's weights were copied ahead."""
+    unet = tiny_models.unet
+    units = offload.unet_units(unet)
+    cond, window = _short(tiny_cond, 8), 4
+    steps, windows = 2, 2
+    calls, hooks = _count_unit_calls(units)
+    seen = []
+    real = offload.streamed
+
+    def keep(*args, **kwargs):
+        context = real(*args, **kwargs)
+        streaming = context.__enter__()
+        seen.append(streaming)
+        return _Entered(context, streaming)
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(offload, "streamed", keep)
+            pipeline.sample(tiny_models, cond, SampleOptions(inference_steps=steps, stream_unet=True, frames_per_window=window,
+                                                             sequential_guidance=True))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls[0] == steps * windows * len(units), (calls[0], len(units), windows, seen[0].stats)
+    stats = seen[0].stats if seen and seen[0] is not None else None
+    assert stats is not None and stats.loads == steps * windows * len(units)
+    # all but the first call's units and the second call's first unit (whose predecessor ended the first call)
+    assert stats.prefetched == stats.loads - len(units) - 1 and stats.discarded == 0
+    assert stats.pinned_bytes == 0  # a CPU run pins nothing
+
+
+class _Entered:
+    def __init__(self, context, value):
+        self.context, self.value = context, value
+
+    def __enter__(self):
+        return self.value
+
+    def __exit__(self, *exc):
+        return self.context.__exit__(*exc)
+
+
+def _short(cond, frames: int):
+    """The first `frames` frames of a conditioning (short windows keep the CPU runs to seconds)."""
+    return dataclasses.replace(cond, audio_tokens=cond.audio_tokens[:frames], motion_buckets=cond.motion_buckets[:frames])
+
+
+@pytest.mark.parametrize("windows_per_call", [1, 2])
+def test_streamed_low_vram_rows_give_the_resident_latents(tiny_models, tiny_cond, windows_per_call):
+    """Two steps over two windows (one or two windows per UNet call), streamed with the rows sharing each weight
+    pass and the next block copied ahead: bit for bit the latents of the resident UNet running the rows one after
+    another; and batched rows streamed give the batched call's latents."""
+    cond = _short(tiny_cond, 8)
+    for sequential in (True, False):
+        options = dict(inference_steps=2, seed=3, frames_per_window=4, windows_per_call=windows_per_call,
+                       sequential_guidance=sequential)
+        resident = pipeline.sample(tiny_models, cond, SampleOptions(**options))
+        streamed = pipeline.sample(tiny_models, cond, SampleOptions(stream_unet=True, **options))
+        assert torch.equal(streamed, resident), sequential
+
+
+def test_pinning_is_decided_by_the_target(tiny_models):
+    assert not offload.should_pin("cpu") and not offload.should_pin("meta")
+    assert offload.should_pin("cuda") == torch.cuda.is_available()
+    assert offload.should_pin(torch.device("cuda", 1)) == torch.cuda.is_available()
