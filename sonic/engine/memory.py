@@ -12,8 +12,8 @@ Attention is where devices differ (issue #19; the kernels per device are documen
 
 * ``fused`` (CUDA, CPU): online-softmax kernels, O(n) per head - inside the measured coefficients, nothing added;
 * ``math`` (SDPA on a device without a fused kernel, e.g. MPS unchunked): each attention layer materialises its
-  whole [batch, heads, queries, keys] score tensor and its softmax (two copies), one layer at a time: the largest
-  layer's two copies come on top;
+  whole [batch, heads, queries, keys] score tensor, its softmax and, in half precision, an fp32 copy
+  (`score_working_bytes` per score), one layer at a time: the largest layer's come on top;
 * ``chunked`` (what Sonic runs on MPS): the same, but for the largest score block the chunk plan allows
   (`score_chunks`, at most the block budget per block).
 """
@@ -46,10 +46,11 @@ SLACK = 1.2
 SVD_ATTENTION_LEVELS = ((5, 1), (10, 2), (20, 4), (20, 8))
 AUDIO_TOKENS = 32
 ATTENTION_BACKENDS = ("fused", "math", "chunked")
-SCORE_COPIES = 2  # the scores and their softmax are alive together (both for the math kernel and for one chunk)
-# One chunk's score block, at most: a quarter of MPS's 2**32-byte limit per array, so that even a kernel that
-# upcasts fp16 scores to fp32 stays at half of it. SONIC_ATTENTION_BLOCK_MB overrides it.
-DEFAULT_SCORE_BLOCK_BYTES = 2**30
+# One chunk's score block, at most: 256 MiB, a 16th of MPS's 2**32-byte limit per array (the fp32 copy of half-
+# precision scores is twice the block); the chunk's working memory (`score_working_bytes`, 5 times the block in
+# half precision) stays near 1.3 GB, and at 512 px one chunk is still a whole frame's attention (5 x 4096^2 scores).
+# SONIC_ATTENTION_BLOCK_MB overrides it.
+DEFAULT_SCORE_BLOCK_BYTES = 256 * MiB
 SCORE_BLOCK_ENV = "SONIC_ATTENTION_BLOCK_MB"
 
 
@@ -103,7 +104,7 @@ def streamed_unet_bytes(largest_unit_bytes: int, windows_per_call: int, frames: 
 
 
 def score_block_budget() -> int:
-    """Bytes one chunk's score block may take: SONIC_ATTENTION_BLOCK_MB (MiB, a positive number) or 1 GiB."""
+    """Bytes one chunk's score block may take: SONIC_ATTENTION_BLOCK_MB (MiB, a positive number) or 256 MiB."""
     value = os.environ.get(SCORE_BLOCK_ENV, "").strip()
     if not value:
         return DEFAULT_SCORE_BLOCK_BYTES
@@ -182,19 +183,27 @@ def attention_score_shapes(rows: int, frames: int, latent_h: int, latent_w: int,
         yield rows, heads, n * frames, audio_tokens
 
 
+def score_working_bytes(dtype) -> int:
+    """Bytes alive per attention score while a kernel that materialises them runs: the scores and their softmax
+    in fp32 (8 B), and in half precision the result cast back (2 B more): PyTorch's CPU math kernel computes half
+    precision in fp32 (measured in tests/engine/test_attention.py: 8.0 B per score in fp32, 8.9 B in bf16), and
+    MPS's graph (`sdpa_general_mps`) scales the scores in fp32 before its softmax."""
+    return 8 if dtype_bytes(dtype) == 4 else 10
+
+
 def attention_bytes(rows: int, frames: int, latent_h: int, latent_w: int, dtype, backend: str = "fused",
                     budget: int | None = None, levels=SVD_ATTENTION_LEVELS) -> int:
     """Attention memory on top of the measured UNet coefficients (which include the fused kernels' O(n) work):
     0 for `fused`; for `math` the largest layer's whole score tensor, for `chunked` its largest chunk block (within
-    `budget`, default `score_block_budget()`), SCORE_COPIES times (scores and softmax)."""
+    `budget`, default `score_block_budget()`), `score_working_bytes` per score."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
     if backend == "fused":
         return 0
     shapes = attention_score_shapes(rows, frames, latent_h, latent_w, levels)
     if backend == "math":
-        largest = max(b * h * q * k for b, h, q, k in shapes) * dtype_bytes(dtype)
+        scores = max(b * h * q * k for b, h, q, k in shapes)
     else:
         budget = score_block_budget() if budget is None else budget
-        largest = max(score_chunks(*shape, dtype, budget).block_bytes for shape in shapes)
-    return SCORE_COPIES * largest
+        scores = max(score_chunks(*shape, dtype, budget).block_bytes for shape in shapes) // dtype_bytes(dtype)
+    return scores * score_working_bytes(dtype)

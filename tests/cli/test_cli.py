@@ -157,7 +157,7 @@ class _Loading(Exception):
 
 @pytest.mark.parametrize("cuda, mps, line", [(True, True, "device: cuda (NVIDIA H100)"),
                                              (False, True, "device: mps (Apple GPU; attention in chunks of up to "
-                                                           "1024 MiB)"),
+                                                           "256 MiB)"),
                                              (False, False, "device: cpu (no CUDA or MPS GPU found)")])
 def test_generate_says_which_device_auto_chose(tiny_dir, tmp_path, monkeypatch, capsys, cuda, mps, line):
     import torch
@@ -173,7 +173,7 @@ def test_generate_says_which_device_auto_chose(tiny_dir, tmp_path, monkeypatch, 
         raise _Loading
 
     _gpus(monkeypatch, cuda, mps)
-    monkeypatch.delenv("SONIC_ATTENTION_BLOCK_MB", raising=False)  # the default chunk budget, 1 GiB
+    monkeypatch.delenv("SONIC_ATTENTION_BLOCK_MB", raising=False)  # the default chunk budget, 256 MiB
     monkeypatch.setattr(loader, "load_models", load_models)
     argv = _args(tiny_dir, tmp_path)
     argv[argv.index("--device") + 1] = "auto"

@@ -73,13 +73,16 @@ def test_chunked_attention_computes_what_plain_sdpa_does(counter, kind, budget):
 def test_score_chunks_at_512px_stay_under_the_mps_array_limit():
     """The issue's case: the batched call at 512 px (3 rows x 25 frames, 64 x 64 latents) in fp16. The first
     level's self-attention scores are [75, 5, 4096, 4096] = 12.6 GB whole (above 2**32 bytes); the default budget
-    cuts them into 13 calls of 6 frames (1.0 GB each)."""
+    (256 MiB) cuts them into 75 calls of one frame (168 MB each)."""
     whole = 75 * 5 * 4096 * 4096 * 2
     assert whole == 12_582_912_000 > 2**32
     plan = memory.score_chunks(75, 5, 4096, 4096, torch.float16, memory.DEFAULT_SCORE_BLOCK_BYTES)
-    assert (plan.batch, plan.heads, plan.queries) == (6, 5, 4096)
-    assert plan.block_bytes == 6 * 5 * 4096 * 4096 * 2 == 1_006_632_960 <= 2**30 < 2**32
-    assert math.ceil(75 / plan.batch) == 13
+    assert (plan.batch, plan.heads, plan.queries) == (1, 5, 4096)
+    assert plan.block_bytes == 5 * 4096 * 4096 * 2 == 167_772_160 <= 256 * 2**20 < 2**32
+    assert 2 * 167_772_160 > 256 * 2**20  # (two frames would not fit)
+    # a 1 GiB budget: 6 frames per call, 13 calls
+    plan = memory.score_chunks(75, 5, 4096, 4096, torch.float16, 2**30)
+    assert (plan.batch, plan.heads, plan.queries, math.ceil(75 / plan.batch)) == (6, 5, 4096, 13)
     # a small budget cuts heads, then query rows
     assert memory.score_chunks(75, 5, 4096, 4096, "fp16", 20 * 2**20) == memory.ScoreChunks(1, 1, 2560, 4096, 2)
     assert memory.score_chunks(75, 5, 4096, 4096, "fp16", 100 * 2**20) == memory.ScoreChunks(1, 3, 4096, 4096, 2)
@@ -87,9 +90,46 @@ def test_score_chunks_at_512px_stay_under_the_mps_array_limit():
         memory.score_chunks(1, 1, 10, 4096, "fp32", 1000)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_memory_estimates_cover_what_a_materialising_kernel_allocates(dtype):
+    """PyTorch's math kernel (forced on the CPU) materialises the scores as MPS's does: every tensor one call
+    creates is counted (LiveTensorBytes). Unchunked, beyond the output, it allocates what memory.py estimates for
+    the `math` backend within 15% and never more (measured: 8.0 B per score in fp32, 8.9 B in bf16, against 8 and
+    10); chunked with a 1 MiB budget, at most the `chunked` estimate - a 40th of it - beside one chunk's own
+    output (the kernel's result, copied into the whole output; queries x head_dim, 1/64 of the scores here)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from helpers import LiveTensorBytes
+
+    batch, heads, queries, dim = 4, 5, 1024, 64
+    q, k, v = (torch.randn(batch, queries, heads, dim, dtype=dtype).transpose(1, 2) for _ in range(3))
+    output = batch * heads * queries * dim * q.element_size()
+    shapes = [(batch, heads, queries, queries)]
+
+    def measured(budget=None):
+        tracker = LiveTensorBytes()
+        with sdpa_kernel(SDPBackend.MATH), tracker:
+            tracker.mark()
+            if budget is None:
+                attention.multihead_attention(q, k, v)
+            else:
+                with attention.chunked_attention(budget):
+                    attention.multihead_attention(q, k, v)
+        return tracker.peak - tracker.at_mark - output
+
+    scores = batch * heads * queries * queries
+    math_estimate = scores * memory.score_working_bytes(dtype)
+    assert 0.85 * math_estimate <= measured() <= math_estimate
+    budget = 2**20
+    plan = memory.score_chunks(*shapes[0], dtype, budget)
+    chunked_estimate = plan.block_bytes // q.element_size() * memory.score_working_bytes(dtype)
+    chunk_output = plan.batch * plan.heads * plan.queries * dim * q.element_size()
+    assert measured(budget) - chunk_output <= chunked_estimate <= math_estimate / 40
+
+
 def test_the_block_budget_is_configurable(monkeypatch):
     monkeypatch.delenv(memory.SCORE_BLOCK_ENV, raising=False)
-    assert memory.score_block_budget() == 2**30
+    assert memory.score_block_budget() == 256 * 2**20
     monkeypatch.setenv(memory.SCORE_BLOCK_ENV, "256")
     assert memory.score_block_budget() == 256 * 2**20
     with attention.chunked_attention():
@@ -159,8 +199,8 @@ def test_a_chunked_unet_call_equals_the_fused_one_and_keeps_its_blocks_in_budget
     its attention forced into 1 MiB blocks: the same output (within 1e-5), every kernel call's score block within
     the budget, though its largest attention (spatial self-attention: 50 x 2 heads x 512 x 512 in fp32 = 105 MB)
     is 100 times that. The calls' shapes, as (batch, heads, queries, keys), are exactly the kinds memory.py plans
-    with for the UNet's config, and memory.py's chunked estimate is the largest block counted, twice (scores and
-    softmax)."""
+    with for the UNet's config, and memory.py's chunked estimate is the largest block counted, at 8 bytes per fp32
+    score (scores and softmax)."""
     budget = 2**20
     shapes = []
     real = counter.real
@@ -176,7 +216,7 @@ def test_a_chunked_unet_call_equals_the_fused_one_and_keeps_its_blocks_in_budget
     assert set(shapes) == set(memory.attention_score_shapes(2, 25, 32, 16, levels, audio_tokens=32))
     calls, whole = len(counter.blocks), max(counter.blocks)
     assert whole == 50 * 2 * 512 * 512 * 4
-    assert memory.attention_bytes(2, 25, 32, 16, torch.float32, "math", levels=levels) == 2 * whole
+    assert memory.attention_bytes(2, 25, 32, 16, torch.float32, "math", levels=levels) == whole // 4 * 8
 
     counter.blocks.clear()
     monkeypatch.setattr(attention, "_sdpa", counter)
@@ -186,5 +226,5 @@ def test_a_chunked_unet_call_equals_the_fused_one_and_keeps_its_blocks_in_budget
     assert max(counter.blocks) <= budget < whole
     assert len(counter.blocks) > calls
     estimate = memory.attention_bytes(2, 25, 32, 16, torch.float32, "chunked", budget, levels=levels)
-    assert estimate == memory.SCORE_COPIES * max(counter.blocks)
+    assert estimate == max(counter.blocks) // 4 * 8
     assert real is F.scaled_dot_product_attention

@@ -160,10 +160,11 @@ def test_sampling_memory_does_not_grow_with_the_video(tiny_models, tiny_cond):
 
 def test_attention_memory_depends_on_the_backend(monkeypatch):
     """The batched call at 512 px in fp16 (3 guidance rows x 25 frames, 64 x 64 latents). Fused kernels (CUDA, the
-    CPU) add nothing to the measured coefficients. The math kernel (MPS's SDPA) adds its largest layer's scores and
-    softmax: the first level's self-attention, [75, 5, 4096, 4096] x 2 bytes, twice. Chunked (Sonic on MPS) adds
-    the largest chunk's two blocks: with the 1 GiB budget that is 51 frames of the second level ([10, 1024, 1024]
-    each, 1.07 GB) - more than 6 frames of the first (1.01 GB), fewer bytes than the budget."""
+    CPU) add nothing to the measured coefficients. The math kernel (MPS's SDPA) adds its largest layer's scores,
+    the first level's self-attention [75, 5, 4096, 4096], at 10 bytes per score in half precision (scores and
+    softmax in fp32, the result in fp16) and 8 in fp32. Chunked (Sonic on MPS) adds the largest chunk's scores:
+    with the default 256 MiB budget that is 12 frames of the second level ([10, 1024, 1024] each, 252 MB in fp16)
+    - more than one frame of the first (168 MB), fewer bytes than the budget."""
     monkeypatch.delenv(memory.SCORE_BLOCK_ENV, raising=False)
     fp16 = torch.float16
 
@@ -171,13 +172,13 @@ def test_attention_memory_depends_on_the_backend(monkeypatch):
         return memory.unet_call_bytes(rows, 25, 64, 64, dtype, backend) - memory.unet_call_bytes(rows, 25, 64, 64, dtype)
 
     assert extra("fused") == 0
-    assert extra("math") == 2 * (75 * 5 * 4096 * 4096 * 2) == 25_165_824_000
-    assert extra("math", rows=1) == 2 * (25 * 5 * 4096 * 4096 * 2)  # low-VRAM rows: a third
-    assert extra("math", dtype=torch.float32) == 2 * extra("math")
-    assert extra("chunked") == 2 * (51 * 10 * 1024 * 1024 * 2) == 2_139_095_040
-    assert 51 * 10 * 1024 * 1024 * 2 <= 2**30 < 7 * 5 * 4096 * 4096 * 2  # (a 7th frame would not fit)
+    assert extra("math") == 75 * 5 * 4096 * 4096 * 10 == 62_914_560_000
+    assert extra("math", rows=1) == 25 * 5 * 4096 * 4096 * 10  # low-VRAM rows: a third
+    assert extra("math", dtype=torch.float32) == 75 * 5 * 4096 * 4096 * 8
+    assert extra("chunked") == 12 * 10 * 1024 * 1024 * 10 == 1_258_291_200
+    assert 12 * 10 * 1024 * 1024 * 2 <= 256 * 2**20 < 13 * 10 * 1024 * 1024 * 2  # (a 13th frame would not fit)
     monkeypatch.setenv(memory.SCORE_BLOCK_ENV, "16")  # 16 MiB: less than one head of 4096 x 4096 (32 MiB)
-    assert extra("chunked") == 2 * (1 * 1 * 2048 * 4096 * 2)  # 2048 query rows of one head
+    assert extra("chunked") == 1 * 1 * 2048 * 4096 * 10  # 2048 query rows of one head
     # the memory modes pass it through
     assert memory.sampling_bytes(1, 25, 64, 64, fp16, attention="math") == memory.unet_call_bytes(
         3, 25, 64, 64, fp16, "math")

@@ -41,7 +41,8 @@ class AudioConditioning:
         self.audio_tokens: torch.Tensor | None = None  # [rows * frames, tokens, dim]
         self.num_frames = 0
         self.face_mask: torch.Tensor | None = None  # [1, 1, H, W]
-        self.scale = 1.0
+        self.scale: float | torch.Tensor = 1.0  # what the processors multiply by (see `bind`)
+        self.scale_nonzero = True
         self._window_mean: torch.Tensor | None = None
         self._masks: dict[int, torch.Tensor] = {}
 
@@ -52,10 +53,17 @@ class AudioConditioning:
         num_frames: int,
         face_mask: torch.Tensor | None,
         scale: float,
+        scale_tensor: torch.Tensor | None = None,
     ) -> Iterator["AudioConditioning"]:
+        """`scale_tensor`: the same value as a 0-dim float32 tensor, read by the processors instead of the float,
+        so that a compiled UNet takes it as an input, not as a constant it would compile again for; it multiplies
+        in float32 as the float does (`scaled`: the same numbers). Whether the audio attention runs at all
+        (`scale` != 0) stays a plain bool."""
         if audio_tokens.shape[0] % num_frames:
             raise ValueError(f"audio tokens batch {audio_tokens.shape[0]} is not a multiple of {num_frames} frames")
-        self.audio_tokens, self.num_frames, self.face_mask, self.scale = audio_tokens, num_frames, face_mask, scale
+        self.audio_tokens, self.num_frames, self.face_mask = audio_tokens, num_frames, face_mask
+        self.scale = scale if scale_tensor is None else scale_tensor
+        self.scale_nonzero = scale != 0
         try:
             yield self
         finally:
@@ -65,7 +73,14 @@ class AudioConditioning:
 
     @property
     def active(self) -> bool:
-        return self.audio_tokens is not None and self.scale != 0
+        return self.audio_tokens is not None and self.scale_nonzero
+
+    def scaled(self, audio: torch.Tensor) -> torch.Tensor:
+        """scale * audio, computed in float32 (opmath) and returned in audio's dtype, for a float or a tensor scale
+        alike (a 0-dim tensor alone would be rounded to audio's dtype first)."""
+        if isinstance(self.scale, torch.Tensor):
+            return (audio.float() * self.scale).to(audio.dtype)
+        return self.scale * audio
 
     def window_mean_tokens(self) -> torch.Tensor:
         """[rows, tokens, dim]: each batch row's audio tokens averaged over the window's frames."""
@@ -113,7 +128,8 @@ def downsample_mask(mask: torch.Tensor, num_queries: int) -> torch.Tensor:
 #   at most 8 queries - decoding, never a UNet's thousands; everything else goes to `sdpa_general_mps`, an MPSGraph
 #   of matmul -> softmax -> matmul that also returns the [batch, heads, queries, keys] weights as its second output
 #   (torch/_meta_registrations.py, meta__scaled_dot_product_attention_math_for_mps): the whole score tensor exists,
-#   [75, 5, 4096, 4096] = 12.6 GB in fp16 for the batched call at 512 px, above MPS's 2**32-byte limit per array.
+#   [75, 5, 4096, 4096] = 12.6 GB in fp16 for the batched call at 512 px, above MPS's 2**32-byte limit per array
+#   (and the graph scales half-precision scores in fp32, a copy twice that size; the default block is 256 MiB).
 #   Recent wheels also carry a flash prefill Metal kernel (kernels/PrefillAttention.h, MppAttention.h), but the
 #   rules that pick it are not in the wheel and older PyTorch lacks it, so Sonic chunks on MPS whatever the
 #   version: "chunked" (with a flash kernel underneath, chunking costs a few more kernel launches).
@@ -228,14 +244,14 @@ class AudioCrossAttention(nn.Module):
                 # instead of repeating the context h*w times (same result, no [rows*h*w, T, D] tensor).
                 rows_query = query.reshape(tokens.shape[0], -1, query.shape[-1])
                 audio = _attend(attn, rows_query, self.to_k_ip[0](tokens), self.to_v_ip[0](tokens))
-                out = out + cond.scale * audio.reshape(out.shape)
+                out = out + cond.scaled(audio.reshape(out.shape))
             else:
                 tokens = cond.audio_tokens  # [rows * frames, T, D], one per spatial batch item
                 audio = _attend(attn, query, self.to_k_ip[0](tokens), self.to_v_ip[0](tokens))
                 mask = cond.mask_for_queries(query.shape[1])
                 if mask is not None:
                     audio = audio * mask.to(audio.dtype)
-                out = out + cond.scale * audio
+                out = out + cond.scaled(audio)
 
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
