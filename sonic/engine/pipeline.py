@@ -182,8 +182,9 @@ _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # UNet -> 
 
 def unet_for(models: SonicModels, options: SampleOptions):
     """The UNet to call: the module itself, or (options.compile) its compiled wrapper, made once per UNet and
-    kept for every later run. Shapes are static (a video size and window length compile once; another size
-    compiles again); the audio attention adds no graph break (tested with torch._dynamo.explain)."""
+    kept for every later run. Shapes are static (a video size and window length compile once; another size, or
+    the other guidance mode's row count, compiles again); `ip_audio_scale` is a tensor input, so its values share
+    a graph; the audio attention adds no graph break (tested with torch._dynamo.explain)."""
     if not options.compile:
         return models.unet
     compiled = _COMPILED.get(models.unet)
@@ -201,6 +202,9 @@ class SonicDenoiser:
         self.models, self.options, self.cancel = models, options, cancel
         self.unet = unet_for(models, options)
         self.streaming: offload.Streaming | None = None  # set while `sample` streams the UNet's weights
+        # compiled: ip_audio_scale enters the graph as a tensor input (a float would be a constant: one compile per value)
+        self.scale_tensor = (torch.tensor(options.ip_audio_scale, dtype=torch.float32, device=device)
+                             if options.compile else None)
         self.fps = audio_lib.GENERATED_FPS
         zeros_latent = torch.zeros_like(cond.image_latents)
         # [3, 1, 4, h, w]: no image for the unconditional row
@@ -272,7 +276,8 @@ class SonicDenoiser:
     def _unet(self, sample, tokens, clip, time_ids, timestep, length: int) -> torch.Tensor:
         """One UNet call on [rows, L, 8, h, w] with rows' tokens [rows, L, T, D] -> v [rows, L, 4, h, w]."""
         models = self.models
-        with models.audio_conditioning.bind(tokens.flatten(0, 1), length, self.face_mask, self.options.ip_audio_scale):
+        with models.audio_conditioning.bind(tokens.flatten(0, 1), length, self.face_mask, self.options.ip_audio_scale,
+                                            self.scale_tensor):
             return self.unet(sample, timestep, encoder_hidden_states=clip.contiguous(),
                                added_time_ids=time_ids.contiguous(), return_dict=False)[0]
 

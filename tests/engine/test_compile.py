@@ -93,3 +93,32 @@ def test_inductor_computes_what_the_eager_unet_does(tiny_models, expected, fresh
     compiled = _unet_call(tiny_models, pipeline.unet_for(tiny_models, SampleOptions(compile=True)), call)
     # measured 2.8e-6 on the full 3-row call: the float noise of other kernels; another input differs by ~1
     assert rel_err(compiled, eager) < 1e-4
+
+
+def test_audio_scale_and_guidance_mode_compile_once_per_shape(tiny_models, tiny_cond, expected, fresh_compile,
+                                                              monkeypatch):
+    """Three `ip_audio_scale` values in each guidance mode (batched rows, rows one after another): one graph per
+    call shape (the two modes give the UNet 3 rows or 1), never one per scale (before: a graph per value, and after
+    8 of them Dynamo silently ran the UNet eagerly). Whether Dynamo compiles again is decided by its guards, before
+    any backend runs, so the counting `eager` backend shows what inductor would do and keeps this test to seconds;
+    with it the graph runs PyTorch's own kernels, so the compiled numbers equal the uncompiled ones bit for bit."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counter, **kwargs))
+    frames = 4  # one 4-frame window: the graph count does not depend on the size
+    cond = dataclasses.replace(tiny_cond, audio_tokens=tiny_cond.audio_tokens[:frames],
+                               motion_buckets=tiny_cond.motion_buckets[:frames])
+    noise = expected["noise.latents"][:, :frames]
+    outputs = {}
+    for sequential in (False, True):
+        for scale in (1.0, 0.5, 1.7):
+            options = SampleOptions(inference_steps=1, ip_audio_scale=scale, sequential_guidance=sequential,
+                                    frames_per_window=frames)
+            compiled = pipeline.sample(tiny_models, cond, dataclasses.replace(options, compile=True), noise=noise)
+            eager = pipeline.sample(tiny_models, cond, options, noise=noise)
+            assert torch.equal(compiled, eager), (sequential, scale)  # the scale reaches the graph as it is
+            outputs[sequential, scale] = compiled
+    assert counter.frame_count == 2  # one graph per shape (3 rows, 1 row), whatever the scale
+    assert rel_err(outputs[False, 0.5], outputs[False, 1.7]) > 1e-3  # and the scale still matters
