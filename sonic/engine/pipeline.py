@@ -202,7 +202,7 @@ class SonicDenoiser:
         self.models, self.options, self.cancel = models, options, cancel
         self.unet = unet_for(models, options)
         self.streaming: offload.Streaming | None = None  # set while `sample` streams the UNet's weights
-        # compiled: ip_audio_scale enters the graph as a tensor input (a float would be a constant: one compile per value)
+        # compiled: ip_audio_scale enters the graph as a tensor input (a float is a constant: a compile per value)
         self.scale_tensor = (torch.tensor(options.ip_audio_scale, dtype=torch.float32, device=device)
                              if options.compile else None)
         self.fps = audio_lib.GENERATED_FPS

@@ -158,3 +158,45 @@ def test_the_host_reads_each_windows_result_only_after_its_copy_from_the_sampler
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         expected = euler_step(expected, torch.zeros_like(expected), sigma, sigma_next)
     torch.testing.assert_close(out, expected)
+
+
+@pytest.fixture(scope="module")
+def host_unet_models(tiny_dir):
+    """fp32 on CUDA with the UNet's weights left in host memory, as block streaming keeps them."""
+    from sonic.engine.loader import load_models
+
+    return load_models(tiny_dir / "models", device="cuda", dtype="fp32", face_detector="none", unet_device="cpu")
+
+
+def test_the_streamed_unet_overlaps_its_copies_and_gives_the_resident_latents(host_unet_models, cuda_models, tiny_cond,
+                                                                              monkeypatch):
+    """UNet streaming on a GPU (low-VRAM rows, as the plan streams): the host weights are page-locked, every unit
+    after the first pass was copied ahead on the side stream (its own CUDA stream, not the compute stream), the
+    rows share one weight pass per call, and the latents are the resident UNet's."""
+    from contextlib import contextmanager
+
+    from sonic.engine import offload
+
+    seen, real = [], offload.streamed
+
+    @contextmanager
+    def keep(*args, **kwargs):
+        with real(*args, **kwargs) as streaming:
+            seen.append(streaming)
+            yield streaming
+
+    monkeypatch.setattr(offload, "streamed", keep)
+    noise = torch.randn(1, tiny_cond.num_frames, *tiny_cond.image_latents.shape[1:])
+    options = dict(inference_steps=2, sequential_guidance=True)
+    resident = pipeline.sample(cuda_models["fp32"], tiny_cond, SampleOptions(**options), noise=noise)
+    streamed = pipeline.sample(host_unet_models, tiny_cond, SampleOptions(stream_unet=True, **options), noise=noise)
+    assert rel_err(streamed, resident) < 1e-6  # the same kernels on the same values (bit-equal on the CPU)
+    units = offload.unet_units(host_unet_models.unet)
+    stats, streaming = seen[0].stats, seen[0]
+    assert all(t.is_pinned() for u in units for t in [*u.parameters(), *u.buffers()])
+    assert stats.pinned_bytes == offload.unit_bytes(host_unet_models.unet)
+    assert streaming.copy_stream is not None and streaming.copy_stream != torch.cuda.current_stream()
+    calls = stats.loads // len(units)
+    assert stats.loads == calls * len(units) and calls == 2 * -(-tiny_cond.num_frames // 25)  # one pass per call
+    assert stats.prefetched == stats.loads - len(units) - 1 and stats.discarded == 0
+    assert next(host_unet_models.unet.parameters()).device.type == "cpu"  # the weights stay on the host

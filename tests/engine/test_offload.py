@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def _count_unit_calls(units) -> tuple[list, list]:
     return calls, [unit.register_forward_pre_hook(count) for unit in units]
 
 
-def test_low_vram_rows_share_one_weight_pass_per_unet_call(tiny_models, tiny_cond):
+def test_low_vram_rows_share_one_weight_pass_per_unet_call(tiny_models, tiny_cond, monkeypatch):
     """Streamed with the guidance rows one after another (how the plan always streams): every unit visits the
     device once per window and step, not once per row (which sent the 3.15 GB three times per window); the
     streaming stats agree, and from the second UNet call on every unit's weights were copied ahead."""
@@ -108,45 +109,33 @@ def test_low_vram_rows_share_one_weight_pass_per_unet_call(tiny_models, tiny_con
     cond, window = _short(tiny_cond, 8), 4
     steps, windows = 2, 2
     calls, hooks = _count_unit_calls(units)
-    seen = []
-    real = offload.streamed
+    seen, real = [], offload.streamed
 
+    @contextmanager
     def keep(*args, **kwargs):
-        context = real(*args, **kwargs)
-        streaming = context.__enter__()
-        seen.append(streaming)
-        return _Entered(context, streaming)
+        with real(*args, **kwargs) as streaming:
+            seen.append(streaming)
+            yield streaming
 
+    monkeypatch.setattr(offload, "streamed", keep)
     try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(offload, "streamed", keep)
-            pipeline.sample(tiny_models, cond, SampleOptions(inference_steps=steps, stream_unet=True, frames_per_window=window,
-                                                             sequential_guidance=True))
+        pipeline.sample(tiny_models, cond, SampleOptions(inference_steps=steps, stream_unet=True,
+                                                         frames_per_window=window, sequential_guidance=True))
     finally:
         for hook in hooks:
             hook.remove()
     assert calls[0] == steps * windows * len(units), (calls[0], len(units), windows, seen[0].stats)
-    stats = seen[0].stats if seen and seen[0] is not None else None
-    assert stats is not None and stats.loads == steps * windows * len(units)
+    stats = seen[0].stats
+    assert stats.loads == steps * windows * len(units)
     # all but the first call's units and the second call's first unit (whose predecessor ended the first call)
     assert stats.prefetched == stats.loads - len(units) - 1 and stats.discarded == 0
     assert stats.pinned_bytes == 0  # a CPU run pins nothing
 
 
-class _Entered:
-    def __init__(self, context, value):
-        self.context, self.value = context, value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc):
-        return self.context.__exit__(*exc)
-
-
 def _short(cond, frames: int):
     """The first `frames` frames of a conditioning (short windows keep the CPU runs to seconds)."""
-    return dataclasses.replace(cond, audio_tokens=cond.audio_tokens[:frames], motion_buckets=cond.motion_buckets[:frames])
+    return dataclasses.replace(cond, audio_tokens=cond.audio_tokens[:frames],
+                               motion_buckets=cond.motion_buckets[:frames])
 
 
 @pytest.mark.parametrize("windows_per_call", [1, 2])
