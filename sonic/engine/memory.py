@@ -135,8 +135,8 @@ class ScoreChunks:
 
 
 def score_chunks(batch: int, heads: int, queries: int, keys: int, dtype, budget: int) -> ScoreChunks:
-    """The fewest, largest chunks whose score block stays within `budget` bytes: whole batch items while one fits,
-    else whole heads of one item, else query rows of one head. Raises ValueError where one query row of one head
+    """Chunks as large as `budget` bytes of scores allows: as many whole batch items as fit, else as many whole
+    heads of one item, else as many query rows of one head. Raises ValueError where one query row of one head
     (`keys` scores) is already above the budget: that would need the keys cut too (online softmax), which Sonic's
     shapes never need (4,096 keys at 512 px are 8 KiB in fp16)."""
     item = dtype_bytes(dtype)
