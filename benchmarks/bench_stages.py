@@ -2,6 +2,8 @@
 
     python benchmarks/bench_stages.py --models ../shared/reference/sonic-tiny/models            # a models folder
     python benchmarks/bench_stages.py --random-full --device cuda --seconds 10 --steps 25      # real sizes
+    python benchmarks/bench_stages.py --random-full --device cuda --seconds 4 --steps 4 --low-vram on \
+        --stream-unet both --face-box 180,60,160,200 --no-encode           # UNet streaming against resident
 
 `--random-full` builds the released architectures (SVD-xt UNet + Sonic audio layers, SVD VAE, CLIP ViT-H/14,
 Whisper-tiny encoder, audio MLPs, RIFE) with random weights in memory: speed does not depend on weight values.
@@ -188,6 +190,7 @@ def run_once(models, image, face, samples, size: int, options: SampleOptions, re
                        ("prepare total", "sampling", "VAE decode", "RIFE x2", "MP4 encode"))
     summary = {"size": f"{width}x{height}", "frames": cond.num_frames, "audio_s": audio_s,
                "sequential_guidance": options.sequential_guidance, "compile": options.compile,
+               "stream_unet": options.stream_unet,
                "generation_s": generation_s, "s_per_video_s": generation_s / audio_s,
                "sampling_s_per_video_s": sampling["seconds"] / audio_s,
                "unet_s_per_call": sampling["per_item_s"], "unet_tflop_per_call": flops / 1e12,
@@ -195,6 +198,20 @@ def run_once(models, image, face, samples, size: int, options: SampleOptions, re
     summary.update({f"gpu_peak_gib_{r['stage'].split()[0].lower()}": r["gpu_peak_gib"] for r in rows
                     if "gpu_peak_gib" in r})
     return summary
+
+
+def place_unet(models, stream: bool, rec: "Recorder") -> None:
+    """The UNet's weights on the compute device (resident) or in host memory, page-locked as streaming pins them
+    on CUDA (timed apart, so the sampling stage shows the streamed calls alone)."""
+    from sonic.engine import offload
+
+    home = torch.device("cpu") if stream else models.device
+    if next(models.unet.parameters()).device != home:
+        with rec.stage("move UNet " + ("to host" if stream else "to device")):
+            torch.nn.Module.to(models.unet, home)
+    if stream and offload.should_pin(models.device):
+        with rec.stage("pin UNet weights"):
+            offload.pin_host_weights(offload.unet_units(models.unet))
 
 
 def main() -> None:
@@ -212,6 +229,9 @@ def main() -> None:
     parser.add_argument("--low-vram", choices=("off", "on", "both"), default="off",
                         help="guidance rows one after another (sequential_guidance); both = a run of each")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first call compiles)")
+    parser.add_argument("--stream-unet", choices=("off", "on", "both"), default="off",
+                        help="UNet block streaming (weights in pinned host memory, the next block copied ahead on a "
+                             "side stream); both = a resident run, then a streamed one, for each size and mode")
     parser.add_argument("--channels-last", action="store_true",
                         help="the UNet's 4-d weights in channels_last memory format (to see whether it helps)")
     parser.add_argument("--peak-tflops", type=float,
@@ -257,15 +277,17 @@ def main() -> None:
     with rec.stage("audio load"):
         samples = pipeline.load_speech((waveform, rate))
 
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.low_vram]
+    modes = {"off": [False], "on": [True], "both": [False, True]}
     summaries = []
     for size in args.min_resolution:
-        for sequential in modes:
-            options = SampleOptions(inference_steps=args.steps, windows_per_call=args.windows_per_call,
-                                    sequential_guidance=sequential, compile=args.compile)
-            summaries.append(run_once(models, image, face, samples, size, options, rec, args.peak_tflops,
-                                      encode=not args.no_encode))
-            print(json.dumps(summaries[-1]), flush=True)
+        for stream in modes[args.stream_unet]:
+            place_unet(models, stream, rec)
+            for sequential in modes[args.low_vram]:
+                options = SampleOptions(inference_steps=args.steps, windows_per_call=args.windows_per_call,
+                                        sequential_guidance=sequential, compile=args.compile, stream_unet=stream)
+                summaries.append(run_once(models, image, face, samples, size, options, rec, args.peak_tflops,
+                                          encode=not args.no_encode))
+                print(json.dumps(summaries[-1]), flush=True)
 
     settings = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "steps": args.steps,
                 "windows_per_call": args.windows_per_call, "audio_s": len(samples) / 16000,
