@@ -160,9 +160,9 @@ TEMPLATES = {
 }
 
 
-def build(spec: dict, table: dict) -> tuple[dict, dict]:
+def build(spec: dict, table: dict, titles: dict) -> tuple[dict, dict]:
     """A template -> (UI workflow, API prompt), with the sockets, outputs and widget order of `table`
-    (node_table)."""
+    (node_table); a node's title in the API prompt is its display name (`titles`), as the frontend writes it."""
     by_id = {nid: (ntype, pos, values) for nid, ntype, pos, values in spec["nodes"]}
     ui_nodes, ui_links, api = [], [], {}
     link_ids = {}
@@ -180,7 +180,7 @@ def build(spec: dict, table: dict) -> tuple[dict, dict]:
             if dst == nid:
                 link = next(link for link in ui_links if link[0] == number)
                 inputs[name] = [str(link[1]), link[2]]
-        api[str(nid)] = {"class_type": ntype, "inputs": inputs, "_meta": {"title": ntype}}
+        api[str(nid)] = {"class_type": ntype, "inputs": inputs, "_meta": {"title": titles.get(ntype, ntype)}}
         ui_nodes.append({
             "id": nid, "type": ntype, "pos": list(pos), "size": list(SIZES[ntype]), "flags": {}, "order": order,
             "mode": 0,
@@ -226,20 +226,21 @@ def thumbnail(spec: dict):
     return card
 
 
-def generate(mappings: dict) -> dict[Path, str]:
-    """Every file derived from the node classes `mappings` (NODE_CLASS_MAPPINGS): path -> its text."""
+def generate(mappings: dict, titles: dict) -> dict[Path, str]:
+    """Every file derived from the node classes `mappings` (NODE_CLASS_MAPPINGS) and their display names `titles`
+    (NODE_DISPLAY_NAME_MAPPINGS): path -> its text."""
     table = node_table(mappings)
     files = {}
     for name, spec in TEMPLATES.items():
-        ui, api = build(spec, table)
+        ui, api = build(spec, table, titles)
         files[HERE / f"{spec['title']}.json"] = json.dumps(ui, indent=1) + "\n"
         files[HERE / "api" / f"{name}.json"] = json.dumps(api, indent=1) + "\n"
     files[SNAPSHOT] = json.dumps(node_snapshot(mappings), indent=1) + "\n"
     return files
 
 
-def load_mappings(base: Path) -> dict:
-    """The pack's NODE_CLASS_MAPPINGS, loaded as ComfyUI loads it, with the ComfyUI stand-in of tests/comfy_stub
+def load_mappings(base: Path) -> tuple[dict, dict]:
+    """The pack's NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS, loaded as ComfyUI loads it, with the ComfyUI stand-in of tests/comfy_stub
     rooted at the empty folder `base` (nothing of a real ComfyUI install leaks into the files)."""
     import os
     import sys
@@ -248,14 +249,15 @@ def load_mappings(base: Path) -> dict:
         (base / sub).mkdir(parents=True, exist_ok=True)
     os.environ["SONIC_TEST_COMFY_BASE"] = str(base)
     sys.path.insert(0, str(ROOT / "tests" / "comfy_stub"))
-    return _harness().load_pack(ROOT).NODE_CLASS_MAPPINGS
+    pack = _harness().load_pack(ROOT)
+    return pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS
 
 
 def main() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="sonic-build-") as base:
-        files = generate(load_mappings(Path(base)))
+        files = generate(*load_mappings(Path(base)))
     (HERE / "api").mkdir(exist_ok=True)
     for old in HERE.glob("*.json"):  # UI files are named by title: remove those of renamed templates
         old.unlink()

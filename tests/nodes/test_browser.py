@@ -1,19 +1,21 @@
-"""The pack in ComfyUI's real frontend (1.35.9, served by the real ComfyUI 0.8.0), in Debian's headless chromium
-driven by Playwright: the template browser shows our four templates with their pictures, each opens as a graph
-that preselects the pack's example inputs (previews load), and the quick one runs as is on them (only made
-shorter) with the lip-sync result shown on its node and the MP4 playing in the encoder's preview.
+"""The pack in ComfyUI's real frontend (1.35.9 served by ComfyUI 0.8.0, and 1.41.21 served by 0.18.2: every test
+runs on each), in Debian's headless chromium driven by Playwright: the template browser shows our four templates with
+their pictures, each opens as a graph that preselects the pack's example inputs (previews load), the frontend's own
+graph-to-prompt turns each into its API twin, and the quick one runs as is on them (only made shorter) with the
+lip-sync result shown on its node and the MP4 playing in the encoder's preview.
 
 Needs `chromium` (apt-get install chromium; tests/run.sh installs it) and the `playwright` package (test extra);
 Playwright's own browser downloads are never used. Skips with the reason when either is missing, fails in CI."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
 import pytest
-from helpers import workflow_templates
-from servers import COMFYUI_VERSIONS, PACK, ComfyUI, need
+from helpers import ui_template_path, workflow_templates
+from servers import COMFYUI_VERSIONS, PACK, ROOT, ComfyUI, need
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
 
@@ -72,6 +74,31 @@ def test_every_template_opens_with_its_picture_and_the_example_inputs(browser_pa
         page.wait_for_function("() => app.graph.nodes.find(n => n.type === 'SonicLoadImage').imgs?.[0]?.naturalWidth"
                                " === 512", timeout=30000)
     assert failures == []
+
+
+def test_the_frontend_converts_every_template_to_its_api_twin(browser_page):
+    """The real frontend's own graph-to-prompt conversion (app.graphToPrompt, what Run and "Export (API)" use) turns
+    each UI template into exactly its API twin in workflows/api/ (tests/nodes/test_workflows.py checks the same with
+    the harness's copy of the conversion; this is the frontend of the ComfyUI version under test)."""
+    page, server, failures = browser_page
+    names = sorted(workflow_templates())
+    for name in names:
+        workflow = json.loads(ui_template_path(name).read_text())
+        twin = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+        output = page.evaluate("""async (workflow) => {
+            await app.loadGraphData(workflow);
+            return (await app.graphToPrompt()).output;
+        }""", workflow)
+        for node in output.values():
+            # the audio upload widget's player URL (with a random query), which every frontend adds to prompts for
+            # audio loaders (ComfyUI's own LoadAudio too) and the server ignores: not part of the node's contract
+            node["inputs"].pop("audioUI", None)
+        differences = [f"node {key}: frontend {output.get(key)} != twin {twin.get(key)}"
+                       for key in sorted(set(output) | set(twin)) if output.get(key) != twin.get(key)]
+        assert not differences, f"{name}: the frontend's conversion differs from workflows/api/{name}.json: " + \
+            "\n".join(differences)
+        assert {node["class_type"] for node in output.values()} >= {"SonicSampler", "SonicVideoEncode"}
+    assert len(names) == 4 and failures == []
 
 
 def test_quick_template_runs_and_shows_the_lip_sync_result_and_the_video(browser_page):

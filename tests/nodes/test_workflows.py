@@ -55,7 +55,7 @@ def test_generated_files_match_the_node_classes(comfy_env):
     """The templates and sonic/jobs/sonic_nodes.json are derived from the nodes' INPUT_TYPES / RETURN_TYPES: what
     the generator writes now is what is committed."""
     build = load_build()
-    files = build.generate(comfy_env["mappings"])
+    files = build.generate(comfy_env["mappings"], comfy_env["pack"].NODE_DISPLAY_NAME_MAPPINGS)
     root = WORKFLOWS.parent
     assert build.SNAPSHOT in files and len(files) == 2 * len(NAMES) + 1
     stale = [str(path.relative_to(root)) for path, text in files.items()
