@@ -134,7 +134,7 @@ class Streaming:
 
     # -- weights ------------------------------------------------------------------------------------------------
 
-    def _copy(self, unit: nn.Module) -> tuple:
+    def _copy_ahead(self, unit: nn.Module) -> tuple:
         """Start copying `unit`'s weights to the device: on CUDA on the side stream, into memory taken from the
         compute stream's pool (so it is reused only in the compute stream's order) after the compute stream's
         queued work (which may still read the memory being handed out); returns (unit, tensors, event)."""
@@ -173,8 +173,8 @@ class Streaming:
             self._successor[id(self._previous)] = unit
         self._previous = unit
         copies = self._take_pending(unit)
-        if copies is None:
-            copies = self._copy(unit)[1]
+        if copies is None:  # not copied ahead (the first pass): copied now, in the compute stream's order
+            copies = [table[name].to(self.device, non_blocking=True) for table, name in _slots(unit)]
         slots = _slots(unit)
         self._saved[id(unit)] = [(table, name, table[name]) for table, name in slots]
         for (table, name), copy in zip(slots, copies):
@@ -183,7 +183,7 @@ class Streaming:
         self.stats.loads += 1
         following = self._successor.get(id(unit))
         if following is not None and following is not unit:
-            self._pending = self._copy(following)
+            self._pending = self._copy_ahead(following)
 
     def unload(self, unit: nn.Module, args=None, output=None) -> None:
         """Forward hook: the host tensors back in place; the device copies are freed (in the compute stream's
