@@ -2,9 +2,9 @@
 its own forward. For cards that cannot hold the UNet's weights next to its working memory (ComfyUI's --novram):
 ComfyUI can partially load only modules built from its own layer classes, so the pack streams the UNet itself.
 
-The device then holds one block's weights at a time (the largest of SVD's UNet is a 1280-channel spatio-temporal
-transformer, 0.21 GB in fp16, one of 49 units) instead of 3.15 GB; every weight crosses the bus once per UNet
-call.
+The device then holds the weights of the block computing and of the next one arriving (the largest of SVD's UNet is
+a 1280-channel spatio-temporal transformer, 0.21 GB in fp16, one of 49 units) instead of 3.15 GB; every weight
+crosses the bus once per UNet call.
 
 On CUDA the host weights are page-locked (pinned, once, in place: `should_pin`), so their copies run on the copy
 engine without staging, and the next block's weights are copied on a side stream while the current block computes
