@@ -149,3 +149,37 @@ def test_pinning_is_decided_by_the_target(tiny_models):
     assert not offload.should_pin("cpu") and not offload.should_pin("meta")
     assert offload.should_pin("cuda") == torch.cuda.is_available()
     assert offload.should_pin(torch.device("cuda", 1)) == torch.cuda.is_available()
+
+
+def test_with_the_next_unit_copied_ahead_the_device_holds_at_most_two_units(tiny_models, expected):
+    """Two UNet calls streamed to `meta`: in the second, each unit's forward runs with the next unit's weights
+    already copied (held by the streaming context, not yet in the module): at most two units' weights on the
+    device, the largest pair of consecutive units at most."""
+    unet, conditioning = tiny_models.unet, tiny_models.audio_conditioning
+    units = offload.unet_units(unet)
+    largest = max(offload.unit_bytes(u) for u in units)
+    sample, tokens = expected["unet_call0.sample"], expected["unet_call0.audio_tokens"]
+    meta = {name: t.to("meta") for name, t in dict(sample=sample, tokens=tokens, mask=expected["unet_call0.face_mask"],
+            ids=expected["unet_call0.added_time_ids"], clip=expected["unet_call0.image_embeds"][::25],
+            timestep=expected["unet_call0.timestep"][0]).items()}
+    held, ahead = [], []
+    with torch.no_grad(), offload.streamed(units, "meta") as streaming, \
+            conditioning.bind(meta["tokens"], 25, meta["mask"], 1.0):
+        def on_device(*_):
+            in_module = sum(t.numel() * t.element_size() for t in _weights(unet).values() if t.device.type == "meta")
+            pending = streaming._pending[1] if streaming._pending is not None else []
+            ahead.append(sum(t.numel() * t.element_size() for t in pending))
+            held.append(in_module + ahead[-1])
+
+        hooks = [u.register_forward_pre_hook(on_device) for u in units]
+        try:
+            for _ in range(2):
+                unet(meta["sample"], meta["timestep"], encoder_hidden_states=meta["clip"],
+                     added_time_ids=meta["ids"], return_dict=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    second = slice(len(held) // 2, None)
+    assert all(a > 0 for a in ahead[second][:-1])  # every unit but the last had its successor on the way
+    assert max(held) <= 2 * largest and max(held[second]) > largest
+    assert streaming.stats.prefetched == len(units) - 1
