@@ -95,12 +95,64 @@ def sampling_bytes(windows_per_call: int, frames: int, latent_h: int, latent_w: 
 
 
 def streamed_unet_bytes(largest_unit_bytes: int, windows_per_call: int, frames: int, latent_h: int, latent_w: int,
-                  dtype, attention: str = "fused") -> int:
-    """Block streaming (sonic/engine/offload.py): the low-VRAM UNet call plus the largest block's weights, twice (the
-    block in use and the allocator's copy of the next while the last is freed)."""
+                  dtype, attention: str = "fused", unet_config: dict | None = None) -> int:
+    """Block streaming (sonic/engine/offload.py) with low-VRAM rows: one UNet call runs the three guidance rows, each
+    block running them in turn while its weights are on the device. The working memory inside a block is one row's
+    (the low-VRAM call's); what lives from block to block (`kept_elements`) is there for the other two rows as well;
+    and the largest block's weights, twice (the block in use and the next one arriving). `unet_config`: the UNet's
+    diffusers config (default: SVD-xt's, configs/svd-xt/unet/config.json)."""
     call = sampling_bytes(windows_per_call, frames, latent_h, latent_w, dtype, sequential_guidance=True,
                           attention=attention)
-    return call + 2 * largest_unit_bytes
+    kept = kept_elements(latent_h, latent_w, unet_config or svd_unet_config())
+    return call + 2 * windows_per_call * frames * kept * dtype_bytes(dtype) + 2 * largest_unit_bytes
+
+
+def svd_unet_config() -> dict:
+    """The released SVD-xt UNet's diffusers config (configs/svd-xt/unet/config.json)."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).parent / "configs" / "svd-xt" / "unet" / "config.json").read_text())
+
+
+def kept_elements(latent_h: int, latent_w: int, unet_config: dict) -> int:
+    """Elements per frame of one guidance row that a diffusers spatio-temporal UNet's forward keeps across its blocks
+    (streaming units) at its worst point, found by walking the architecture of `unet_config`: the skip activations
+    still waiting for the up blocks (the input convolution's output, each down resnet's, each downsampler's), the up
+    block's input (held by the UNet's loop while the block runs), and the unit's input (an up resnet's is the
+    concatenation with its skip) and output. A unit's own working memory is not in it (the one-row call covers it).
+    Grids halve rounding up, as the stride-2 convolutions do."""
+    channels = list(unet_config["block_out_channels"])
+    layers = unet_config["layers_per_block"]
+    sizes = [latent_h * latent_w]
+    h, w = latent_h, latent_w
+    for _ in channels[1:]:
+        h, w = -(-h // 2), -(-w // 2)
+        sizes.append(h * w)
+    skips = [channels[0] * sizes[0]]  # the input convolution's output
+    worst = 0
+    for i, c in enumerate(channels):  # down blocks: each unit's input and output beside the skips so far
+        for _ in range(layers):
+            worst = max(worst, sum(skips) + 2 * c * sizes[i])
+            skips.append(c * sizes[i])
+        if i < len(channels) - 1:
+            worst = max(worst, sum(skips) + c * sizes[i] + c * sizes[i + 1])
+            skips.append(c * sizes[i + 1])
+    hidden = channels[-1] * sizes[-1]
+    worst = max(worst, sum(skips) + 2 * hidden)  # the mid block
+    for j, c in enumerate(reversed(channels)):  # up blocks: layers + 1 resnets, each taking the last skip
+        level = len(channels) - 1 - j
+        block_input, current, alive = hidden, hidden, sum(skips)
+        for _ in range(layers + 1):
+            out = c * sizes[level]
+            worst = max(worst, alive + block_input + current + skips[-1] + out)
+            skips.pop()
+            current = out
+        if level > 0:  # the upsampler
+            worst = max(worst, alive + block_input + current + c * sizes[level - 1])
+            current = c * sizes[level - 1]
+        hidden = current
+    return worst
 
 
 def score_block_budget() -> int:
