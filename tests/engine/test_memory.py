@@ -127,6 +127,7 @@ def test_streamed_estimate_covers_the_rows_kept_across_blocks(tiny_models, expec
     last up block's first resnet, 256 channels: 5.0 MiB, 1.33 times) to the worst point of the one-row call's
     working memory, which are not the same point. The estimate before (the one-row call and the weights) added 0."""
     from helpers import LiveTensorBytes
+
     from sonic.engine import offload
 
     unet, conditioning = tiny_models.unet, tiny_models.audio_conditioning
