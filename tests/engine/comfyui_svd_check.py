@@ -1,5 +1,5 @@
-"""Run by tests/engine/test_comfyui_svd.py inside a real ComfyUI 0.8.0 (cwd = COMFYUI_DIR): ComfyUI's own SVD VAE
-(`comfy.sd.VAE`, temporal decoder) and CLIP-H vision model (`comfy.clip_vision`) against the diffusers /
+"""Run by tests/engine/test_comfyui_svd.py inside a real ComfyUI, 0.8.0 or 0.18.2 (cwd = its folder): ComfyUI's
+own SVD VAE (`comfy.sd.VAE`, temporal decoder) and CLIP-H vision model (`comfy.clip_vision`) against the diffusers /
 transformers networks the pack loads itself, with the same random weights at the released sizes.
 
     python tests/engine/comfyui_svd_check.py PACK_DIR SVD_CONFIG_DIR   (prints one JSON line)

@@ -1,4 +1,4 @@
-"""ComfyUI's own SVD VAE and CLIP vision classes (a real ComfyUI 0.8.0, not a stand-in) give the pack the same
+"""ComfyUI's own SVD VAE and CLIP vision classes (real ComfyUIs, 0.8.0 and 0.18.2, not a stand-in) give the pack the same
 image latents, decoded frames and image embedding as the diffusers / transformers copies it loads itself.
 
 The check runs in a child process inside ComfyUI (tests/engine/comfyui_svd_check.py): this process holds the tests'
@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from servers import ROOT, comfyui_dir
+from servers import COMFYUI_VERSIONS, ROOT, comfyui_dir, comfyui_python
 
 
-@pytest.fixture(scope="module")
-def report(reference_dir) -> dict:
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("comfyui_svd_check.py")), str(ROOT),
-                             str(reference_dir / "svd-xt")], cwd=comfyui_dir(), capture_output=True, text=True,
-                            timeout=600)
+@pytest.fixture(scope="module", params=list(COMFYUI_VERSIONS))
+def report(request, reference_dir) -> dict:
+    version = request.param
+    result = subprocess.run([comfyui_python(version), str(Path(__file__).with_name("comfyui_svd_check.py")),
+                             str(ROOT), str(reference_dir / "svd-xt")], cwd=comfyui_dir(version),
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
