@@ -43,8 +43,8 @@ if [ -z "${COMFYUI_018_DIR:-}" ] && [ -x "$shared/comfyui/install.sh" ]; then
   export COMFYUI_018_DIR COMFYUI_018_PYTHON
 fi
 
-# two test files at a time (pytest-xdist, whole files per worker: module fixtures and servers stay together): most
-# of the suite waits on real servers, so two workers on 2 cores take about two thirds of the serial time.
+# two test files at a time (pytest-xdist, whole files per worker: module fixtures and servers stay together): much
+# of the suite waits on real servers, so two workers on 2 cores took 26.5 min where one took about 33-35 (2026-12-06).
 # SONIC_TEST_WORKERS=0 runs everything in this process.
 workers=${SONIC_TEST_WORKERS:-2}
 if [ "$workers" = 0 ]; then exec "$py" -m pytest "$@"; fi
