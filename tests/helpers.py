@@ -103,3 +103,22 @@ def audio_delay_s(shifted: dict, source: dict) -> float:
     else:
         assert np.array_equal(a, b[:, -lag:]), f"not a plain advance of {-lag} samples"
     return lag / source["sample_rate"]
+
+
+def record_streaming(monkeypatch) -> list:
+    """Every UNet streaming context (sonic.engine.offload.streamed) a run opens, kept for the test to read its stats
+    and streams afterwards: the list they are appended to."""
+    from contextlib import contextmanager
+
+    from sonic.engine import offload
+
+    seen, real = [], offload.streamed
+
+    @contextmanager
+    def keep(*args, **kwargs):
+        with real(*args, **kwargs) as streaming:
+            seen.append(streaming)
+            yield streaming
+
+    monkeypatch.setattr(offload, "streamed", keep)
+    return seen

@@ -14,7 +14,7 @@ import torch
 from sonic.engine import pipeline
 from sonic.params import SampleOptions
 
-from helpers import rel_err
+from helpers import record_streaming, rel_err
 from servers import skip_or_fail
 
 pytestmark = pytest.mark.gpu
@@ -173,19 +173,9 @@ def test_the_streamed_unet_overlaps_its_copies_and_gives_the_resident_latents(ho
     """UNet streaming on a GPU (low-VRAM rows, as the plan streams): the host weights are page-locked, every unit
     after the first pass was copied ahead on the side stream (its own CUDA stream, not the compute stream), the
     rows share one weight pass per call, and the latents are the resident UNet's."""
-    from contextlib import contextmanager
-
     from sonic.engine import offload
 
-    seen, real = [], offload.streamed
-
-    @contextmanager
-    def keep(*args, **kwargs):
-        with real(*args, **kwargs) as streaming:
-            seen.append(streaming)
-            yield streaming
-
-    monkeypatch.setattr(offload, "streamed", keep)
+    seen = record_streaming(monkeypatch)
     noise = torch.randn(1, tiny_cond.num_frames, *tiny_cond.image_latents.shape[1:])
     options = dict(inference_steps=2, sequential_guidance=True)
     resident = pipeline.sample(cuda_models["fp32"], tiny_cond, SampleOptions(**options), noise=noise)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from contextlib import contextmanager
 
 import pytest
 import torch
+from helpers import record_streaming
 
 from sonic.engine import offload, pipeline
 from sonic.params import SampleOptions
@@ -102,15 +102,7 @@ def test_low_vram_rows_share_one_weight_pass_per_unet_call(tiny_models, tiny_con
     cond, window = _short(tiny_cond, 8), 4
     steps, windows = 2, 2
     calls, hooks = _count_unit_calls(units)
-    seen, real = [], offload.streamed
-
-    @contextmanager
-    def keep(*args, **kwargs):
-        with real(*args, **kwargs) as streaming:
-            seen.append(streaming)
-            yield streaming
-
-    monkeypatch.setattr(offload, "streamed", keep)
+    seen = record_streaming(monkeypatch)
     try:
         pipeline.sample(tiny_models, cond, SampleOptions(inference_steps=steps, stream_unet=True,
                                                          frames_per_window=window, sequential_guidance=True))
