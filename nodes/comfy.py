@@ -219,3 +219,25 @@ def user_file(name: str) -> Path:
     if not candidate.is_file():
         raise FileNotFoundError(f"file {name!r} not found in ComfyUI's input folder; upload it first")
     return candidate
+
+
+NO_CORE_VIDEO = ("Sonic Video Encode: this ComfyUI has no core VIDEO type (comfy_api's VideoFromFile, which ComfyUI "
+                 "0.8.0 and 0.18.2 have), so the video output is empty (None). The MP4 is written as usual: use the "
+                 "path output, or update ComfyUI to feed its Save Video / Preview Video")
+
+
+def core_video(path: str):
+    """ComfyUI's core VIDEO value of the MP4 at `path` (what its own Load Video gives: comfy_api's VideoFromFile),
+    or None, with a warning, where this ComfyUI has none. (ComfyUI's modules are imported here only when the node
+    runs, so the pack loads anywhere.)"""
+    try:
+        from comfy_api.latest import InputImpl
+
+        video_from_file = InputImpl.VideoFromFile
+    except (ImportError, AttributeError):
+        try:
+            from comfy_api.input_impl import VideoFromFile as video_from_file
+        except ImportError:
+            logging.getLogger("sonic").warning(NO_CORE_VIDEO)
+            return None
+    return video_from_file(path)

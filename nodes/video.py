@@ -3,7 +3,6 @@ output folder, shown in the node as a playable video, and given on as its path a
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 
@@ -46,28 +45,6 @@ def generation_metadata(prompt, extra_pnginfo) -> dict[str, str]:
     for key, value in (extra_pnginfo or {}).items():
         meta[key] = json.dumps(redact_url_queries(value))
     return meta
-
-
-NO_CORE_VIDEO = ("Sonic Video Encode: this ComfyUI has no core VIDEO type (comfy_api's VideoFromFile, which ComfyUI "
-                 "0.8.0 and 0.18.2 have), so the video output is empty (None). The MP4 is written as usual: use the "
-                 "path output, or update ComfyUI to feed its Save Video / Preview Video")
-
-
-def core_video(path: str):
-    """ComfyUI's core VIDEO value of the MP4 at `path` (what its own Load Video gives: comfy_api's VideoFromFile),
-    or None, with a warning, where this ComfyUI has none. (ComfyUI's modules are imported here only when the node
-    runs, so the pack loads anywhere.)"""
-    try:
-        from comfy_api.latest import InputImpl
-
-        video_from_file = InputImpl.VideoFromFile
-    except (ImportError, AttributeError):
-        try:
-            from comfy_api.input_impl import VideoFromFile as video_from_file
-        except ImportError:
-            logging.getLogger("sonic").warning(NO_CORE_VIDEO)
-            return None
-    return video_from_file(path)
 
 
 class SonicVideoEncode:
@@ -123,4 +100,4 @@ class SonicVideoEncode:
                          audio=audio_to_numpy(audio), crf=crf, preset=preset, audio_policy=audio_policy,
                          metadata=generation_metadata(prompt, extra_pnginfo), watermark=watermark.strip() or None)
         ui = {"images": [{"filename": filename, "subfolder": subfolder, "type": "output"}], "animated": [True]}
-        return {"ui": ui, "result": (str(path), core_video(str(path)))}
+        return {"ui": ui, "result": (str(path), comfy.core_video(str(path)))}
